@@ -1,0 +1,308 @@
+"""The `conveyor` command: a thin shell over App. A user's mistake ends in one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import IO, Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .app import App, check_queue_name, encode_payload
+from .errors import ConveyorError, UsageError
+from .model import STATES, NewItem
+
+err_console = Console(stderr=True)
+SUBMIT_CHUNK = 5000
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn conveyor's usage errors (and a few OS ones) into one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            fail(str(exc))
+        except ConveyorError as exc:
+            fail(str(exc), code=1)
+        except OSError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def setup_logging(level: str) -> None:
+    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="%H:%M:%S")
+    logging.basicConfig(level=level.upper(), handlers=[handler], format="%(message)s", force=True)
+
+
+def parse_duration(text: str) -> float:
+    """7d, 12h, 30m, 45s, 2w, or plain seconds → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise UsageError(f"--older-than {text!r} is not a duration: use a number with s, m, h, d or w (e.g. 7d)")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db", envvar="CONVEYOR_DATABASE_URL", default=None, metavar="URL",
+              help="Database URL: sqlite:///file.db (default sqlite:///conveyor.db) or postgresql://user@host/db. "
+                   "Also read from $CONVEYOR_DATABASE_URL.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.version_option(package_name="conveyor")
+@click.pass_context
+def main(ctx: click.Context, db: str | None, log_level: str) -> None:
+    """conveyor: asynchronous record processing. Workers claim items, process them with your
+    handler, and resolve them, never twice."""
+    setup_logging(log_level)
+    ctx.obj = {"db": db}
+
+
+def app_from(ctx: click.Context) -> App:
+    return App(ctx.obj["db"])
+
+
+# -- submit ---------------------------------------------------------------------------------------
+def read_items(stream: IO[str], name: str, queue: str, key_field: str | None, dedup_field: str | None,
+               priority: int) -> Iterator[NewItem]:
+    for lineno, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            payload = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        key = dedup = None
+        for field, target in ((key_field, "key"), (dedup_field, "dedup")):
+            if field is None:
+                continue
+            if not isinstance(payload, dict) or field not in payload or payload[field] in (None, ""):
+                raise UsageError(f"{where}: field {field!r} (given by --{target}-field) is missing")
+            value = payload[field]
+            if isinstance(value, (dict, list, bool)):
+                raise UsageError(f"{where}: field {field!r} must be a string or number to serve as {target} key")
+            if target == "key":
+                key = str(value)
+            else:
+                dedup = str(value)
+        yield NewItem(queue, encode_payload(payload, where), key, dedup, None, priority)
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--file", "file", default="-", show_default=True, metavar="ITEMS.jsonl|-",
+              help="One JSON payload per line; '-' reads standard input.")
+@click.option("--key-field", default=None, help="Payload field whose value is the ordering key.")
+@click.option("--dedup-field", default=None, help="Payload field whose value is the dedup key.")
+@click.option("--priority", default=0, show_default=True, type=int)
+@click.pass_context
+@friendly
+def submit(ctx: click.Context, queue: str, file: str, key_field: str | None, dedup_field: str | None, priority: int) -> None:
+    """Submit items from a JSON-lines file: all or nothing. A bad line stops the import with its
+    line number, and nothing from the file is stored."""
+    check_queue_name(queue)
+    if file == "-":
+        stream, name, total = sys.stdin, "stdin", None
+    else:
+        try:
+            stream = open(file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {file!r}: {exc.strerror}") from None
+        name = file
+        total = os.path.getsize(file)
+    app = app_from(ctx)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=True, disable=not err_console.is_terminal)
+    started = time.perf_counter()
+    with progress, stream:
+        task = progress.add_task(f"reading {name}", total=total)
+        items: list[NewItem] = []
+        size = 0
+        for item in read_items(stream, name, queue, key_field, dedup_field, priority):
+            items.append(item)
+            size += len(item.payload_json) + 1
+            if len(items) % 1000 == 0:
+                progress.update(task, completed=size)
+        progress.update(task, completed=total or size)
+        store_task = progress.add_task(f"storing into {queue!r}", total=len(items))
+        stored = app.submit_items(items, chunk=SUBMIT_CHUNK, progress=lambda n: progress.advance(store_task, n))
+    elapsed = time.perf_counter() - started
+    skipped = len(items) - stored
+    note = f", {skipped} skipped as duplicates" if skipped else ""
+    click.echo(f"submitted {stored} item(s) to {queue!r}{note} in {elapsed:.2f}s")
+
+
+# -- worker ---------------------------------------------------------------------------------------
+def load_app(spec: str) -> App:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{spec!r} is not MODULE:APP (for example: myproject.tasks:app)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {module_name!r} (from {spec!r}): {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App):
+        raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a conveyor.App")
+    return obj
+
+
+@main.command()
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--queue", "queues", multiple=True, help="Queue to work on (repeatable); default: all the app's processors.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Worker processes, under a supervisor that restarts crashed ones.")
+@click.option("--stop-when-empty", is_flag=True, help="Exit once the queues have nothing pending or in progress.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds to let running handlers finish after SIGINT/SIGTERM.")
+@click.pass_context
+@friendly
+def worker(ctx: click.Context, app_spec: str, queues: tuple[str, ...], processes: int, stop_when_empty: bool,
+           shutdown_timeout: float) -> None:
+    """Run workers for MODULE:APP until stopped (Ctrl-C / SIGTERM finish in-flight work first)."""
+    app = load_app(app_spec)
+    if ctx.obj["db"]:
+        app.close()
+        app.url = ctx.obj["db"]
+    app.run_worker(list(queues) or None, processes=processes, stop_when_empty=stop_when_empty,
+                   shutdown_timeout=shutdown_timeout)
+
+
+# -- status ---------------------------------------------------------------------------------------
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def status_table(stats: dict[str, dict[str, Any]], url: str) -> Table:
+    table = Table(title=f"conveyor · {url}", title_justify="left")
+    table.add_column("queue", style="bold")
+    for state in STATES:
+        table.add_column(state.replace("_", " "), justify="right")
+    table.add_column("oldest pending", justify="right")
+    table.add_column("resolved/min", justify="right")
+    for queue, s in stats.items():
+        table.add_row(queue, *[f"{s[state]:,}" for state in STATES], format_age(s["oldest_pending_seconds"]),
+                      f"{s['resolved_last_minute']:,}")
+    if not stats:
+        table.add_row("(no items yet)", *[""] * (len(STATES) + 2))
+    return table
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON (the same mapping as app.stats()).")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@click.option("--queue", "queues", multiple=True, help="Only these queues.")
+@click.pass_context
+@friendly
+def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...]) -> None:
+    """Counts by state, oldest pending age and throughput per queue."""
+    app = app_from(ctx)
+    if as_json:
+        click.echo(json.dumps(app.stats(list(queues) or None), indent=2))
+        return
+    console = Console()
+    if not watch:
+        console.print(status_table(app.stats(list(queues) or None), app.url))
+        return
+    try:
+        with Live(status_table(app.stats(list(queues) or None), app.url), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(1)
+                live.update(status_table(app.stats(list(queues) or None), app.url), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- operators ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("queue")
+@click.pass_context
+@friendly
+def retry(ctx: click.Context, queue: str) -> None:
+    """Send a queue's dead and cancelled items back to pending, with fresh attempts."""
+    n = app_from(ctx).requeue(queue)
+    click.echo(f"{n} item(s) of {queue!r} sent back to pending")
+
+
+@main.command()
+@click.argument("item_id", type=int)
+@click.pass_context
+@friendly
+def cancel(ctx: click.Context, item_id: int) -> None:
+    """Cancel a pending or in-progress item."""
+    app_from(ctx).cancel(item_id)
+    click.echo(f"item {item_id} cancelled")
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--older-than", required=True, help="Age of finished items to delete, e.g. 7d, 12h, 30m.")
+@click.pass_context
+@friendly
+def purge(ctx: click.Context, queue: str, older_than: str) -> None:
+    """Delete a queue's resolved, dead and cancelled items finished longer ago than --older-than."""
+    n = app_from(ctx).purge(queue, parse_duration(older_than))
+    click.echo(f"{n} finished item(s) of {queue!r} purged")
+
+
+@main.command()
+@click.pass_context
+@friendly
+def migrate(ctx: click.Context) -> None:
+    """Apply the schema migrations (also done on first use)."""
+    app = app_from(ctx)
+    applied = app.migrate()
+    click.echo(f"applied migration(s) {', '.join(map(str, applied))}" if applied else "schema is up to date")
+
+
+@main.command()
+@click.option("--db", "demo_db", default=None, metavar="URL", help="Database for the demo (default: a fresh SQLite file).")
+@click.option("--orders", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--drivers", default=50, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.pass_context
+@friendly
+def demo(ctx: click.Context, demo_db: str | None, orders: int, drivers: int, workers: int) -> None:
+    """The food-delivery showcase: orders pour in, workers assign each to exactly one driver."""
+    from .demo import run_demo
+
+    ok = run_demo(demo_db or ctx.obj["db"], orders=orders, drivers=drivers, workers=workers)
+    sys.exit(0 if ok else 1)

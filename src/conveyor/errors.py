@@ -1,0 +1,57 @@
+"""conveyor's exceptions, as one small tree.
+
+    ConveyorError
+    ├── UsageError          a user's mistake: bad URL, bad payload, unknown queue ... (CLI exit 2)
+    │   └── ItemNotFound    no item with that id
+    ├── StoreError          the database failed in a way conveyor could not absorb
+    └── LeaseLost           the item's lease was lost: the result of this run is refused
+
+Retry and Fail are not errors but signals a handler raises to steer its item.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base of everything conveyor raises."""
+
+
+class UsageError(ConveyorError, ValueError):
+    """A user's mistake, with a message that names what is wrong."""
+
+
+class ItemNotFound(UsageError, LookupError):
+    """No item with the given id."""
+
+
+class StoreError(ConveyorError):
+    """The store failed (the database is unreachable, corrupt, or refused a statement)."""
+
+
+class LeaseLost(ConveyorError):
+    """This worker no longer holds the item: its lease expired and the item was rescued,
+    claimed again or cancelled. Whatever this run did is refused."""
+
+    def __init__(self, item_ids: "list[int] | int", message: str | None = None):
+        ids = [item_ids] if isinstance(item_ids, int) else list(item_ids)
+        self.item_ids = ids
+        super().__init__(message or f"lease lost on item(s) {', '.join(map(str, ids))}: result refused")
+
+
+class Retry(Exception):
+    """Raise from a handler to run the item again after `delay` seconds (spends an attempt)."""
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested by handler"):
+        if delay is not None and delay < 0:
+            raise ValueError("Retry(delay=...) must be >= 0")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Fail(Exception):
+    """Raise from a handler to send the item straight to `dead`, with this reason."""
+
+    def __init__(self, reason: str = "failed by handler"):
+        self.reason = reason
+        super().__init__(reason)

@@ -1,0 +1,112 @@
+"""Plain data shared by every layer: items, their states, what a handler's run came to."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(str, enum.Enum):
+    """Where an item is in its life: pending → in_progress → resolved (or dead / cancelled)."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    RESOLVED = "resolved"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATES: tuple[str, ...] = tuple(s.value for s in State)
+FINISHED_STATES: tuple[str, ...] = ("resolved", "dead", "cancelled")
+
+
+@dataclass(slots=True)
+class Item:
+    """One record to process. `attempts` is 1 on the first run."""
+
+    id: int
+    queue: str
+    payload: Any
+    key: str | None = None
+    attempts: int = 0
+    state: State = State.PENDING
+    created_at: dt.datetime | None = None
+    priority: int = 0
+    run_at: dt.datetime | None = None
+    dedup_key: str | None = None
+    last_error: str | None = None
+    max_attempts: int | None = None
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    #: fences this claim: only the holder of the token can resolve the item
+    claim_token: int | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True, frozen=True)
+class NewItem:
+    """A validated submission, ready for a store (payload already JSON text)."""
+
+    queue: str
+    payload_json: str
+    key: str | None = None
+    dedup_key: str | None = None
+    run_at: float | None = None  # unix seconds; None means now
+    priority: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Claim:
+    """What one claim asks a store for."""
+
+    queue: str
+    limit: int
+    lease_seconds: float
+    max_attempts: int
+    ordered: bool = False
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """The results of handler runs, gathered so a store can apply them in one go.
+
+    Each entry names the item id and the claim token it was handled under.
+    """
+
+    resolved: list[tuple[int, int]] = field(default_factory=list)
+    #: (id, token, delay_seconds, error)
+    retried: list[tuple[int, int, float, str]] = field(default_factory=list)
+    #: (id, token, error)
+    failed: list[tuple[int, int, str]] = field(default_factory=list)
+    #: (id, token): claimed but never started; back to pending without spending an attempt
+    released: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.resolved) + len(self.retried) + len(self.failed) + len(self.released)
+
+    def extend(self, other: "Outcomes") -> None:
+        self.resolved.extend(other.resolved)
+        self.retried.extend(other.retried)
+        self.failed.extend(other.failed)
+        self.released.extend(other.released)
+
+
+@dataclass(slots=True, frozen=True)
+class QueueOptions:
+    """How a processor handles its queue."""
+
+    queue: str
+    batch_size: int = 100
+    concurrency: int = 4
+    lease_seconds: float = 30.0
+    max_attempts: int = 5
+    batch: bool = False
+    ordered: bool = False
+    transactional: bool = False
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0

@@ -1,0 +1,120 @@
+"""The Store protocol: everything the App and the worker ask of a database, and nothing else.
+
+A store knows SQL, never handlers. Every method is safe to call from many threads (each thread gets
+its own connection) and from many processes at once. Methods that change items take the claim
+token the item was claimed under and refuse (return as *lost*) any item whose token no longer
+matches: that is the fence that keeps a late worker from resolving an item twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from ..model import Claim, Item, NewItem
+
+#: (item id, claim token)
+Token = tuple[int, int]
+
+
+@runtime_checkable
+class Store(Protocol):
+    url: str
+
+    # -- schema ---------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply the numbered migrations not applied yet; return the versions applied now."""
+
+    # -- step 0: submit -----------------------------------------------------------------------
+    def submit_many(self, items: Sequence[NewItem]) -> list[int | None]:
+        """Store all items in one transaction. Returns, per item, its new id, or None where an
+        item with the same (queue, dedup_key) already exists and this one was skipped."""
+
+    def find_dedup(self, queue: str, dedup_key: str) -> int | None:
+        """The id of the item stored under this dedup key, if any."""
+
+    # -- steps 1+2: claim -----------------------------------------------------------------------
+    def claim(self, claim: Claim, owner: str) -> list[Item]:
+        """Atomically take up to `claim.limit` ready pending items of a queue: in_progress,
+        attempts+1, leased to `owner`, fresh claim token. Highest priority first, then oldest."""
+
+    # -- step 4: settle --------------------------------------------------------------------------
+    def resolve(self, tokens: Sequence[Token]) -> list[int]:
+        """Mark items resolved. Returns the ids refused because their lease was lost."""
+
+    def retry(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
+        """(id, token, delay, error): back to pending after `delay` seconds, or dead when the
+        item has spent its attempts. Returns the refused ids."""
+
+    def fail(self, entries: Sequence[tuple[int, int, str]]) -> list[int]:
+        """(id, token, error): straight to dead. Returns the refused ids."""
+
+    def release(self, tokens: Sequence[Token]) -> list[int]:
+        """Claimed but never started: back to pending, the attempt given back. Returns refused ids."""
+
+    # -- leases ---------------------------------------------------------------------------------
+    def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
+        """Push the leases of items still being handled; returns the ids whose lease was lost."""
+
+    def rescue_expired(self) -> list[tuple[int, str]]:
+        """Items whose lease ran out go back to pending (or dead if their attempts are spent),
+        the reason kept in last_error. Returns (id, new state) of each rescued item."""
+
+    # -- operators ------------------------------------------------------------------------------
+    def get(self, item_id: int) -> Item:
+        """The item with this id, or ItemNotFound."""
+
+    def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per queue: counts by state, oldest_pending_seconds, resolved_last_minute."""
+
+    def has_work(self, queues: Sequence[str]) -> bool:
+        """True while any of these queues holds pending or in-progress items."""
+
+    def cancel(self, item_id: int) -> None:
+        """Pending or in-progress item → cancelled (an in-progress run's result is then refused)."""
+
+    def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
+        """dead / cancelled → pending with fresh attempts; returns how many."""
+
+    def purge(self, queue: str, older_than_seconds: float) -> int:
+        """Delete resolved, dead and cancelled items finished longer ago than this; returns how many."""
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction on this thread's connection; store calls made inside join it.
+        Yields the driver's own connection."""
+
+    def wait_for_change(self, timeout: float, wake: Any = None) -> bool:
+        """Block up to `timeout` seconds for another connection to change the data (a cheap
+        wake-up for idle workers), or until `wake.is_set()` (an Event-like object). True if the
+        data changed."""
+
+    def disconnect(self) -> None:
+        """Close the calling thread's connection (threads call it as they end)."""
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+
+
+def open_store(url: str) -> Store:
+    """The store for a database URL: sqlite:///path or postgresql://..."""
+    from ..errors import UsageError
+
+    if not isinstance(url, str) or not url.strip():
+        raise UsageError("database URL is empty: give sqlite:///path.db or postgresql://user@host/db")
+    scheme, sep, _ = url.partition(":")
+    scheme = scheme.lower()
+    if not sep:
+        raise UsageError(f"database URL {url!r} has no scheme: use sqlite:///path.db or postgresql://user@host/db")
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise UsageError(
+        f"unknown database URL scheme {scheme!r} in {url!r}: conveyor supports 'sqlite' and 'postgresql'"
+    )
+

@@ -1,0 +1,89 @@
+"""Pieces both stores share: turning rows into Items, shaping stats, spotting refused tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from typing import Any, Iterable, Sequence
+
+from ..model import STATES, Item, State
+
+UTC = dt.timezone.utc
+
+
+def new_token() -> int:
+    """A fresh claim token: 63 random bits, so it fits a signed 64-bit column on every backend."""
+    return secrets.randbits(63)
+
+
+def to_datetime(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromtimestamp(value, UTC)
+
+
+def decode_payload(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def refused(requested: Sequence[tuple[Any, ...]], accepted: Iterable[int]) -> list[int]:
+    """Ids asked for but not accepted by the fenced statement, in the order asked."""
+    ok = set(accepted)
+    return [entry[0] for entry in requested if entry[0] not in ok]
+
+
+def empty_queue_stats() -> dict[str, Any]:
+    stats: dict[str, Any] = {state: 0 for state in STATES}
+    stats.update(total=0, oldest_pending_seconds=None, resolved_last_minute=0)
+    return stats
+
+
+def shape_stats(
+    counts: Iterable[tuple[str, str, int]],
+    oldest: Iterable[tuple[str, float | None]],
+    recent: Iterable[tuple[str, int]],
+    queues: Sequence[str] | None,
+) -> dict[str, dict[str, Any]]:
+    """Assemble stats from (queue, state, n), (queue, oldest pending age) and (queue, n resolved
+    in the last minute) rows. Queues asked for by name appear even when empty."""
+    out: dict[str, dict[str, Any]] = {q: empty_queue_stats() for q in (queues or [])}
+    for queue, state, n in counts:
+        entry = out.setdefault(queue, empty_queue_stats())
+        entry[state] = int(n)
+        entry["total"] += int(n)
+    for queue, age in oldest:
+        if queue in out and age is not None:
+            out[queue]["oldest_pending_seconds"] = round(max(0.0, float(age)), 3)
+    for queue, n in recent:
+        if queue in out:
+            out[queue]["resolved_last_minute"] = int(n)
+    return dict(sorted(out.items()))
+
+
+ITEM_COLUMNS = (
+    "id, queue, payload, key, attempts, state, created_at, priority, run_at, dedup_key, "
+    "last_error, max_attempts, lease_owner, lease_expires_at, finished_at, claim_token"
+)
+
+
+def row_to_item(row: Sequence[Any]) -> Item:
+    """A row selected as ITEM_COLUMNS → Item."""
+    return Item(
+        id=row[0],
+        queue=row[1],
+        payload=decode_payload(row[2]),
+        key=row[3],
+        attempts=row[4],
+        state=State(row[5]),
+        created_at=to_datetime(row[6]),
+        priority=row[7],
+        run_at=to_datetime(row[8]),
+        dedup_key=row[9],
+        last_error=row[10],
+        max_attempts=row[11],
+        lease_owner=row[12],
+        lease_expires_at=to_datetime(row[13]),
+        finished_at=to_datetime(row[14]),
+        claim_token=row[15],
+    )

@@ -1,0 +1,131 @@
+"""`--processes N`: N worker processes under a supervisor that restarts a crashed child.
+
+Children are forked (before the parent opens any connection), each in its own process group so a
+terminal's Ctrl-C reaches only the supervisor, which then asks every child to stop gracefully
+(SIGTERM; a second Ctrl-C forces them). A child whose supervisor dies stops by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("conveyor.supervisor")
+
+RESTART_BACKOFF_MAX = 10.0
+
+
+def _child_main(app: "App", queues: Sequence[str] | None, stop_when_empty: bool, shutdown_timeout: float) -> None:
+    from .worker import Worker
+
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    worker = Worker(app, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout)
+
+    def watch_parent() -> None:
+        while not worker.stopping:
+            if os.getppid() != parent:
+                log.warning("supervisor %s is gone: stopping", parent)
+                worker.stop()
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    try:
+        worker.run(install_signal_handlers=True)
+    except UsageError as exc:
+        log.error("%s", exc)
+        os._exit(2)
+    except BaseException:
+        log.exception("worker process failed")
+        os._exit(1)
+    os._exit(0)
+
+
+def run_supervised(
+    app: "App",
+    queues: Sequence[str] | None,
+    *,
+    processes: int,
+    stop_when_empty: bool = False,
+    shutdown_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Run `processes` workers; restart any that die unexpectedly; return when all have stopped."""
+    from .worker import Worker
+
+    Worker(app, queues)  # validates the queues here, in the parent, with a clear error
+    app.migrate()  # once, before the children race for it
+    app.close()  # no connection may cross a fork
+    ctx = multiprocessing.get_context("fork")
+    args = (app, queues, stop_when_empty, shutdown_timeout)
+    children: dict[int, Any] = {}
+    started: dict[int, float] = {}
+    done: set[int] = set()
+    crashes: dict[int, int] = {}
+    restarts = 0
+    stopping = {"n": 0}
+
+    def spawn(slot: int) -> None:
+        p = ctx.Process(target=_child_main, args=args, name=f"conveyor-worker-{slot}", daemon=False)
+        p.start()
+        children[slot] = p
+        started[slot] = time.monotonic()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping["n"] += 1
+        sig = signal.SIGTERM if stopping["n"] == 1 else signal.SIGINT
+        log.info("supervisor: %s, stopping %d worker process(es)", signal.Signals(signum).name, len(children))
+        for slot, p in children.items():
+            if slot not in done and p.pid and p.is_alive():
+                for _ in range(1 if stopping["n"] == 1 else 2):
+                    try:
+                        os.kill(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        for slot in range(processes):
+            spawn(slot)
+        log.info("supervisor %s: %d worker process(es) started", os.getpid(), processes)
+        while len(done) < processes:
+            live = [p.sentinel for s, p in children.items() if s not in done]
+            multiprocessing.connection.wait(live, timeout=0.5)
+            for slot, p in list(children.items()):
+                if slot in done or p.is_alive():
+                    continue
+                code = p.exitcode
+                p.join()
+                if stopping["n"] or (stop_when_empty and code == 0) or code == 2:
+                    done.add(slot)
+                    if code == 2:
+                        log.error("worker process %s exited on a usage error; not restarting", p.pid)
+                    continue
+                ran = time.monotonic() - started[slot]
+                crashes[slot] = crashes.get(slot, 0) + 1 if ran < 5 else 1
+                delay = min(RESTART_BACKOFF_MAX, 0.1 * 2 ** (crashes[slot] - 1))
+                log.warning("worker process %s exited with code %s; restarting in %.1fs", p.pid, code, delay)
+                time.sleep(delay)
+                if not stopping["n"]:
+                    restarts += 1
+                    spawn(slot)
+                else:
+                    done.add(slot)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return {"processes": processes, "restarts": restarts}

@@ -1,0 +1,538 @@
+"""The worker: claim → dispatch → gather outcomes → settle, looping, with leases kept alive.
+
+One worker process runs:
+- the *cycle* (the thread that calls `run`): settles the outcomes gathered since the last cycle
+  and claims the next batches in one store transaction, then hands items to the lanes;
+- one *lane* per processor: `concurrency` threads for sync handlers, or `concurrency` tasks on a
+  shared event-loop thread for `async def` handlers;
+- a *keeper* thread: heartbeats (extends the leases of every item held) and rescues items whose
+  leases expired, on its own connection, so a busy or blocked handler never stops the heartbeat.
+The worker speaks to the Store protocol only; it never sees SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue as queue_mod
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import Fail, LeaseLost, Retry, UsageError
+from .model import Claim, Item, Outcomes
+from .retry import backoff_delay
+
+if TYPE_CHECKING:
+    from .app import App, Processor
+
+log = logging.getLogger("conveyor.worker")
+
+FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
+FLUSH_MAX = 1000  # outcomes settled in one statement at most
+IDLE_MAX = 0.5  # longest idle sleep between claims when no wake-up arrives
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+class Lane:
+    """One processor's share of a worker: its in-flight items and the runners that handle them."""
+
+    def __init__(self, worker: "Worker", processor: "Processor"):
+        self.worker = worker
+        self.processor = processor
+        self.opts = processor.options
+        self.claim = Claim(self.opts.queue, self.opts.batch_size, self.opts.lease_seconds,
+                           self.opts.max_attempts, self.opts.ordered)
+        b, c = self.opts.batch_size, self.opts.concurrency
+        self.capacity = (c + 1) * b if self.opts.batch else c + b
+        self.inflight: dict[int, Item] = {}
+        self.lock = threading.Lock()
+        self.lost: set[int] = set()
+        self.dry = False  # the last claim came back short: wait for a change before claiming again
+        self.sync_q: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
+        self.async_q: asyncio.Queue[Any] | None = None
+        self.threads: list[threading.Thread] = []
+
+    # -- claiming -------------------------------------------------------------------------------
+    def wanted(self) -> int:
+        """How many items to claim now (0: not now)."""
+        free = self.capacity - len(self.inflight)
+        b = self.opts.batch_size
+        if self.opts.batch:
+            return b if free >= b else 0
+        if not self.inflight:
+            return min(b, free)
+        return min(b, free) if free >= max(1, b // 2) else 0
+
+    def tokens(self) -> list[tuple[int, int]]:
+        with self.lock:
+            return [(i, it.claim_token) for i, it in self.inflight.items()]  # type: ignore[misc]
+
+    def accept(self, items: list[Item]) -> None:
+        with self.lock:
+            for it in items:
+                self.inflight[it.id] = it
+        self.dry = len(items) < self.claim.limit
+        if self.processor.is_async:
+            loop = self.worker.loop
+            assert loop is not None and self.async_q is not None
+            units = [items] if self.opts.batch else items
+            for unit in units:
+                loop.call_soon_threadsafe(self.async_q.put_nowait, unit)
+        elif self.opts.batch:
+            self.sync_q.put(items)
+        else:
+            for it in items:
+                self.sync_q.put(it)
+
+    def settled(self, ids: Sequence[int]) -> None:
+        with self.lock:
+            for i in ids:
+                self.inflight.pop(i, None)
+                self.lost.discard(i)
+
+    # -- running --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.processor.is_async:
+            return  # tasks are started by the worker on its event loop
+        for n in range(self.opts.concurrency):
+            t = threading.Thread(target=self._thread_main, name=f"conveyor-{self.opts.queue}-{n}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _thread_main(self) -> None:
+        while True:
+            unit = self.sync_q.get()
+            if unit is None:
+                break
+            items = unit if isinstance(unit, list) else [unit]
+            if self.worker.stopping or all(it.id in self.lost for it in items):
+                self.worker.record_release(items)
+                continue
+            self.worker.run_sync(self, items)
+        self.worker.app.store.disconnect()
+
+    async def task_main(self) -> None:
+        assert self.async_q is not None
+        while True:
+            unit = await self.async_q.get()
+            if unit is None:
+                break
+            items = unit if isinstance(unit, list) else [unit]
+            if self.worker.stopping:
+                self.worker.record_release(items)
+                continue
+            await self.worker.run_async(self, items)
+
+    def drain_unstarted(self) -> list[Item]:
+        """Take back what no runner has started yet (at shutdown)."""
+        taken: list[Item] = []
+        while True:
+            try:
+                unit = self.sync_q.get_nowait()
+            except queue_mod.Empty:
+                break
+            if unit is None:
+                self.sync_q.put(None)
+                break
+            taken.extend(unit if isinstance(unit, list) else [unit])
+        return taken
+
+
+class Worker:
+    """Runs the processors of an App on the chosen queues until stopped."""
+
+    def __init__(
+        self,
+        app: "App",
+        queues: Sequence[str] | None = None,
+        *,
+        stop_when_empty: bool = False,
+        shutdown_timeout: float = 30.0,
+        name: str | None = None,
+    ):
+        self.app = app
+        if not app.processors:
+            raise UsageError("no processors are registered on this App: decorate a handler with @app.processor('queue')")
+        chosen = list(queues) if queues else list(app.processors)
+        unknown = [q for q in chosen if q not in app.processors]
+        if unknown:
+            raise UsageError(
+                f"no processor registered for queue(s) {', '.join(map(repr, unknown))} "
+                f"(registered: {', '.join(sorted(app.processors))})"
+            )
+        self.queues = list(dict.fromkeys(chosen))
+        self.name = name or worker_name()
+        self.stop_when_empty = stop_when_empty
+        self.shutdown_timeout = shutdown_timeout
+        self.lanes = {q: Lane(self, app.processors[q]) for q in self.queues}
+        self.stopping = False
+        self.forced = False
+        self.wake = threading.Event()
+        self._out = Outcomes()
+        self._out_lock = threading.Lock()
+        self._out_first = 0.0
+        self._flush_at = 1
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
+        self.counts = {"claimed": 0, "resolved": 0, "retried": 0, "failed": 0, "released": 0, "lost": 0, "rescued": 0}
+        min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
+        self.heartbeat_interval = max(0.05, min_lease / 3)
+        self.rescue_interval = max(0.25, min(5.0, min_lease / 2))
+
+    # -- outcomes (called from runner threads and tasks) ----------------------------------------
+    def _record(self, add: Any, n: int) -> None:
+        with self._out_lock:
+            before = len(self._out)
+            add(self._out)
+            after = before + n
+            if before == 0:
+                self._out_first = time.monotonic()
+        if before == 0 or after >= self._flush_at:
+            self.wake.set()
+
+    def record_release(self, items: list[Item]) -> None:
+        self._record(lambda o: o.released.extend((it.id, it.claim_token) for it in items), len(items))
+
+    def _record_result(self, lane: Lane, items: list[Item], exc: BaseException | None) -> None:
+        toks = [(it.id, it.claim_token) for it in items]
+        if exc is None:
+            self._record(lambda o: o.resolved.extend(toks), len(items))
+        elif isinstance(exc, Fail):
+            self._record(lambda o: o.failed.extend((i, t, f"Fail: {exc.reason}") for i, t in toks), len(items))
+        else:
+            if isinstance(exc, Retry):
+                text = f"Retry: {exc.reason}"
+            else:
+                text = error_text(exc)
+                first = items[0]
+                log.warning("handler for %r raised on item %s (attempt %s/%s): %s",
+                            lane.opts.queue, first.id if len(items) == 1 else f"batch of {len(items)}",
+                            first.attempts, lane.opts.max_attempts, f"{type(exc).__name__}: {exc}")
+            entries = []
+            for (i, t), it in zip(toks, items):
+                delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(
+                    it.attempts, lane.opts.backoff_base, lane.opts.backoff_max)
+                entries.append((i, t, delay, text))
+            self._record(lambda o: o.retried.extend(entries), len(items))
+
+    def run_sync(self, lane: Lane, items: list[Item]) -> None:
+        arg: Any = items if lane.opts.batch else items[0]
+        if lane.opts.transactional:
+            self._run_transactional(lane, items, arg)
+            return
+        try:
+            lane.processor.handler(arg)
+        except BaseException as exc:  # a handler's failure never stops the worker
+            self._record_result(lane, items, exc)
+        else:
+            self._record_result(lane, items, None)
+
+    def _run_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
+        """The handler's writes and the items' resolution commit together, or not at all."""
+        store = self.app.store
+        try:
+            with store.transaction() as conn:
+                lane.processor.handler(arg, conn)
+                lost = store.resolve([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                if lost:
+                    raise LeaseLost(lost)
+        except LeaseLost as exc:
+            log.warning("%s: the handler's writes were rolled back", exc)
+            self._count("lost", len(items))
+        except BaseException as exc:
+            self._record_result(lane, items, exc)
+            return
+        else:
+            self._count("resolved", len(items))
+        lane.settled([it.id for it in items])
+        self.wake.set()
+
+    def _count(self, key: str, n: int) -> None:
+        with self._out_lock:
+            self.counts[key] += n
+
+    async def run_async(self, lane: Lane, items: list[Item]) -> None:
+        arg: Any = items if lane.opts.batch else items[0]
+        try:
+            await lane.processor.handler(arg)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and self.forced:
+                raise
+            self._record_result(lane, items, exc)
+        else:
+            self._record_result(lane, items, None)
+
+    # -- the cycle ------------------------------------------------------------------------------
+    def _take_outcomes(self) -> Outcomes:
+        with self._out_lock:
+            out, self._out = self._out, Outcomes()
+        return out
+
+    def _lane_of(self, item_id: int) -> Lane | None:
+        for lane in self.lanes.values():
+            if item_id in lane.inflight:
+                return lane
+        return None
+
+    def _cycle(self, out: Outcomes, wants: list[tuple[Lane, int]]) -> list[tuple[Lane, list[Item]]]:
+        """Settle outcomes and claim the next batches in one transaction."""
+        store = self.app.store
+        claimed: list[tuple[Lane, list[Item]]] = []
+        with store.transaction():
+            lost = store.resolve(out.resolved) if out.resolved else []
+            lost += store.retry(out.retried) if out.retried else []
+            lost += store.fail(out.failed) if out.failed else []
+            lost += store.release(out.released) if out.released else []
+            for lane, n in wants:
+                claim = lane.claim if n == lane.claim.limit else Claim(
+                    lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
+                claimed.append((lane, store.claim(claim, self.name)))
+        lost_set = set(lost)
+        for key, entries in (("resolved", out.resolved), ("retried", out.retried),
+                             ("failed", out.failed), ("released", out.released)):
+            self._count(key, sum(1 for e in entries if e[0] not in lost_set))
+        if lost:
+            self._count("lost", len(lost))
+            log.warning("lease lost on item(s) %s: their results were refused (another worker holds them now)",
+                        ", ".join(map(str, sorted(lost)[:20])))
+        settled_ids = [e[0] for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+        for lane in self.lanes.values():
+            if lane.inflight:
+                lane.settled(settled_ids)
+        return claimed
+
+    def _inflight_total(self) -> int:
+        return sum(len(lane.inflight) for lane in self.lanes.values())
+
+    def run(self, install_signal_handlers: bool = True) -> dict[str, int]:
+        restore = self._install_signals() if install_signal_handlers else None
+        self.app.store.migrate()
+        log.info("worker %s started on %s", self.name, ", ".join(self.queues))
+        try:
+            self._start_runners()
+            self._loop()
+        finally:
+            self._stop_runners()
+            if restore:
+                restore()
+            log.info("worker %s stopped: %s", self.name, self.counts)
+        return dict(self.counts)
+
+    def _loop(self) -> None:
+        store = self.app.store
+        deadline: float | None = None
+        idle = 0.001
+        while True:
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.shutdown_timeout
+                for lane in self.lanes.values():
+                    if not lane.processor.is_async:
+                        back = lane.drain_unstarted()
+                        if back:
+                            self.record_release(back)
+            out = self._take_outcomes()
+            wants = [] if self.stopping else [(lane, n) for lane in self.lanes.values() if not lane.dry and (n := lane.wanted())]
+            claimed_any = False
+            if out or wants:
+                for lane, items in self._cycle(out, wants):
+                    if items:
+                        claimed_any = True
+                        self._count("claimed", len(items))
+                        lane.accept(items)
+                    else:
+                        lane.dry = True
+            inflight = self._inflight_total()
+            self._flush_at = max(1, min(FLUSH_MAX, inflight))
+            if self.stopping:
+                if inflight == 0:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    self._abandon_running()
+                    return
+            elif (
+                self.stop_when_empty and inflight == 0 and not claimed_any
+                and all(lane.dry for lane in self.lanes.values()) and not store.has_work(self.queues)
+            ):
+                log.info("queues %s are empty: stopping", ", ".join(self.queues))
+                return
+            if claimed_any:
+                idle = 0.001
+                continue
+            self._wait(inflight, idle)
+            if inflight == 0:
+                idle = min(IDLE_MAX, idle * 2)
+
+    def _wait(self, inflight: int, idle: float) -> None:
+        """Sleep until something is worth a cycle: enough outcomes, a wake-up, or new data."""
+        with self._out_lock:
+            pending = len(self._out)
+            first = self._out_first
+        if pending:
+            # Let outcomes gather for a moment so one statement settles many of them.
+            left = first + FLUSH_INTERVAL - time.monotonic()
+            if pending < self._flush_at and left > 0 and not self.stopping:
+                self.wake.wait(left)
+            self.wake.clear()
+            return
+        hungry = [lane for lane in self.lanes.values() if lane.dry and lane.wanted()]
+        if hungry and not self.stopping:
+            changed = self.app.store.wait_for_change(idle, self._wakeups())
+            if changed or self.app.wakeup.is_set():
+                self.app.wakeup.clear()
+                for lane in hungry:
+                    lane.dry = False
+            elif inflight == 0:
+                for lane in hungry:
+                    lane.dry = False  # poll again now and then: delayed items come due without a change
+        else:
+            self.wake.wait(IDLE_MAX)
+        self.wake.clear()
+
+    def _wakeups(self) -> "_AnyEvent":
+        return _AnyEvent(self.wake, self.app.wakeup)
+
+    def _abandon_running(self) -> None:
+        """Shutdown timed out: the items still running count their attempt and go back for a retry."""
+        entries = []
+        for lane in self.lanes.values():
+            for i, t in lane.tokens():
+                entries.append((i, t, 0.0, f"worker {self.name} shut down after {self.shutdown_timeout}s "
+                                            "while the handler was still running"))
+        if entries:
+            log.warning("shutdown timeout: %d item(s) still running are sent back for a retry", len(entries))
+            self._cycle(Outcomes(retried=entries), [])
+
+    # -- runners and keeper ---------------------------------------------------------------------
+    def _start_runners(self) -> None:
+        if any(lane.processor.is_async for lane in self.lanes.values()):
+            ready = threading.Event()
+            self._loop_thread = threading.Thread(target=self._loop_main, args=(ready,), name="conveyor-async", daemon=True)
+            self._loop_thread.start()
+            ready.wait()
+        for lane in self.lanes.values():
+            lane.start()
+        self._keeper_stop = threading.Event()
+        self._keeper = threading.Thread(target=self._keeper_main, name="conveyor-keeper", daemon=True)
+        self._keeper.start()
+
+    def _loop_main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        tasks = []
+        for lane in self.lanes.values():
+            if lane.processor.is_async:
+                lane.async_q = asyncio.Queue()
+                tasks += [loop.create_task(lane.task_main()) for _ in range(lane.opts.concurrency)]
+        loop.call_soon(ready.set)
+        loop.run_forever()
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+    def _stop_runners(self) -> None:
+        self.stopping = True
+        for lane in self.lanes.values():
+            if lane.processor.is_async:
+                if self.loop is not None and lane.async_q is not None:
+                    for _ in range(lane.opts.concurrency):
+                        self.loop.call_soon_threadsafe(lane.async_q.put_nowait, None)
+            else:
+                for _ in lane.threads:
+                    lane.sync_q.put(None)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self._loop_thread:
+                self._loop_thread.join(timeout=2)
+        if self._keeper:
+            self._keeper_stop.set()
+            self._keeper.join(timeout=5)
+        for lane in self.lanes.values():
+            for t in lane.threads:
+                t.join(timeout=0.5)
+
+    def _keeper_main(self) -> None:
+        store = self.app.store
+        next_beat = time.monotonic() + self.heartbeat_interval
+        next_rescue = time.monotonic()
+        while not self._keeper_stop.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_interval
+                    for lane in self.lanes.values():
+                        tokens = lane.tokens()
+                        if tokens:
+                            lost = store.extend_leases(tokens, lane.opts.lease_seconds)
+                            if lost:
+                                with lane.lock:
+                                    lane.lost.update(lost)
+                                log.warning("heartbeat: lease lost on item(s) %s", lost[:20])
+                if now >= next_rescue:
+                    next_rescue = now + self.rescue_interval
+                    rescued = store.rescue_expired()
+                    if rescued:
+                        self._count("rescued", len(rescued))
+                        dead = sum(1 for _, s in rescued if s == "dead")
+                        log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), dead)
+                        self.app.wakeup.set()
+            except Exception as exc:  # the keeper must outlive a database hiccup
+                log.warning("heartbeat/rescue failed, will retry: %s", exc)
+            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
+        self.app.store.disconnect()
+
+    # -- stopping -------------------------------------------------------------------------------
+    def stop(self, force: bool = False) -> None:
+        """Ask the worker to stop: claim nothing more, finish what runs (within shutdown_timeout),
+        give back what has not started. force=True gives up on running handlers at once."""
+        if force:
+            self.forced = True
+            self.shutdown_timeout = 0
+        self.stopping = True
+        self.wake.set()
+
+    def _install_signals(self):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handle(signum: int, frame: Any) -> None:
+            if self.stopping:
+                log.warning("second signal: stopping now")
+                self.stop(force=True)
+            else:
+                log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
+                self.stop()
+
+        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+class _AnyEvent:
+    """Looks like one Event, is set when any of several is."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
