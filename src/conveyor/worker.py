@@ -80,11 +80,11 @@ class Lane:
         with self.lock:
             return [(i, it.claim_token) for i, it in self.inflight.items()]  # type: ignore[misc]
 
-    def accept(self, items: list[Item]) -> None:
+    def accept(self, items: list[Item], asked: int) -> None:
         with self.lock:
             for it in items:
                 self.inflight[it.id] = it
-        self.dry = len(items) < self.claim.limit
+        self.dry = len(items) < asked
         if self.processor.is_async:
             loop = self.worker.loop
             assert loop is not None and self.async_q is not None
@@ -288,19 +288,29 @@ class Worker:
                 return lane
         return None
 
-    def _cycle(self, out: Outcomes, wants: list[tuple[Lane, int]]) -> list[tuple[Lane, list[Item]]]:
-        """Settle outcomes and claim the next batches in one transaction."""
+    def _wants(self) -> list[tuple[Lane, int]]:
+        if self.stopping:
+            return []
+        return [(lane, n) for lane in self.lanes.values() if not lane.dry and (n := lane.wanted())]
+
+    def _cycle(self, out: Outcomes) -> list[tuple[Lane, int, list[Item]]]:
+        """Settle outcomes, then claim what the freed capacity allows, in one transaction."""
         store = self.app.store
-        claimed: list[tuple[Lane, list[Item]]] = []
+        claimed: list[tuple[Lane, int, list[Item]]] = []
         with store.transaction():
             lost = store.resolve(out.resolved) if out.resolved else []
             lost += store.retry(out.retried) if out.retried else []
             lost += store.fail(out.failed) if out.failed else []
             lost += store.release(out.released) if out.released else []
-            for lane, n in wants:
+            if out:
+                settled_ids = [e[0] for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+                for lane in self.lanes.values():
+                    if lane.inflight:
+                        lane.settled(settled_ids)
+            for lane, n in self._wants():
                 claim = lane.claim if n == lane.claim.limit else Claim(
                     lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
-                claimed.append((lane, store.claim(claim, self.name)))
+                claimed.append((lane, n, store.claim(claim, self.name)))
         lost_set = set(lost)
         for key, entries in (("resolved", out.resolved), ("retried", out.retried),
                              ("failed", out.failed), ("released", out.released)):
@@ -309,10 +319,6 @@ class Worker:
             self._count("lost", len(lost))
             log.warning("lease lost on item(s) %s: their results were refused (another worker holds them now)",
                         ", ".join(map(str, sorted(lost)[:20])))
-        settled_ids = [e[0] for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
-        for lane in self.lanes.values():
-            if lane.inflight:
-                lane.settled(settled_ids)
         return claimed
 
     def _inflight_total(self) -> int:
@@ -345,14 +351,13 @@ class Worker:
                         if back:
                             self.record_release(back)
             out = self._take_outcomes()
-            wants = [] if self.stopping else [(lane, n) for lane in self.lanes.values() if not lane.dry and (n := lane.wanted())]
             claimed_any = False
-            if out or wants:
-                for lane, items in self._cycle(out, wants):
+            if out or self._wants():
+                for lane, asked, items in self._cycle(out):
                     if items:
                         claimed_any = True
                         self._count("claimed", len(items))
-                        lane.accept(items)
+                        lane.accept(items, asked)
                     else:
                         lane.dry = True
             inflight = self._inflight_total()
@@ -414,7 +419,7 @@ class Worker:
                                             "while the handler was still running"))
         if entries:
             log.warning("shutdown timeout: %d item(s) still running are sent back for a retry", len(entries))
-            self._cycle(Outcomes(retried=entries), [])
+            self._cycle(Outcomes(retried=entries))
 
     # -- runners and keeper ---------------------------------------------------------------------
     def _start_runners(self) -> None:
