@@ -339,9 +339,9 @@ class Worker:
         return dict(self.counts)
 
     def _loop(self) -> None:
-        store = self.app.store
         deadline: float | None = None
         idle = 0.001
+        trouble = 0  # consecutive database failures
         while True:
             if self.stopping and deadline is None:
                 deadline = time.monotonic() + self.shutdown_timeout
@@ -350,36 +350,69 @@ class Worker:
                         back = lane.drain_unstarted()
                         if back:
                             self.record_release(back)
-            out = self._take_outcomes()
-            claimed_any = False
-            if out or self._wants():
-                for lane, asked, items in self._cycle(out):
-                    if items:
-                        claimed_any = True
-                        self._count("claimed", len(items))
-                        lane.accept(items, asked)
-                    else:
-                        lane.dry = True
-            inflight = self._inflight_total()
-            self._flush_at = max(1, min(FLUSH_MAX, inflight))
-            if self.stopping:
-                if inflight == 0:
+            try:
+                outcome = self._step(deadline, idle)
+                trouble = 0
+            except Exception as exc:  # the database hiccuped: nothing is lost, the step is redone
+                trouble += 1
+                pause = min(5.0, 0.05 * 2 ** min(trouble, 10))
+                log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause,
+                            f"{type(exc).__name__}: {exc}".strip())
+                if self.stopping and deadline is not None and time.monotonic() > deadline:
+                    log.warning("giving up at shutdown: unsettled items will be rescued when their leases expire")
                     return
-                if deadline is not None and time.monotonic() > deadline:
-                    self._abandon_running()
-                    return
-            elif (
-                self.stop_when_empty and inflight == 0 and not claimed_any
-                and all(lane.dry for lane in self.lanes.values()) and not store.has_work(self.queues)
-            ):
-                log.info("queues %s are empty: stopping", ", ".join(self.queues))
-                return
-            if claimed_any:
-                idle = 0.001
+                self.wake.wait(pause)
+                self.wake.clear()
                 continue
-            self._wait(inflight, idle)
+            if outcome == "stop":
+                return
+            idle = 0.001 if outcome == "busy" else min(IDLE_MAX, idle * 2) if outcome == "idle" else idle
+
+    def _step(self, deadline: float | None, idle: float) -> str:
+        """One cycle of the loop: settle, claim, dispatch, then wait. Says 'stop', 'busy' (claimed
+        something), 'idle' (nothing in flight) or 'waiting'."""
+        out = self._take_outcomes()
+        claimed_any = False
+        if out or self._wants():
+            try:
+                cycled = self._cycle(out)
+            except BaseException:
+                self._restore_outcomes(out)
+                raise
+            for lane, asked, items in cycled:
+                if items:
+                    claimed_any = True
+                    self._count("claimed", len(items))
+                    lane.accept(items, asked)
+                else:
+                    lane.dry = True
+        inflight = self._inflight_total()
+        self._flush_at = max(1, min(FLUSH_MAX, inflight))
+        if self.stopping:
             if inflight == 0:
-                idle = min(IDLE_MAX, idle * 2)
+                return "stop"
+            if deadline is not None and time.monotonic() > deadline:
+                self._abandon_running()
+                return "stop"
+        elif (
+            self.stop_when_empty and inflight == 0 and not claimed_any
+            and all(lane.dry for lane in self.lanes.values()) and not self.app.store.has_work(self.queues)
+        ):
+            log.info("queues %s are empty: stopping", ", ".join(self.queues))
+            return "stop"
+        if claimed_any:
+            return "busy"
+        self._wait(inflight, idle)
+        return "idle" if inflight == 0 else "waiting"
+
+    def _restore_outcomes(self, out: Outcomes) -> None:
+        """A settle failed: put its outcomes back in front of any gathered since."""
+        if not out:
+            return
+        with self._out_lock:
+            out.extend(self._out)
+            self._out = out
+            self._out_first = time.monotonic()
 
     def _wait(self, inflight: int, idle: float) -> None:
         """Sleep until something is worth a cycle: enough outcomes, a wake-up, or new data."""

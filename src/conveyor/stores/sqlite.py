@@ -203,13 +203,20 @@ class SQLiteStore:
         self._local.depth = 1
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
             self._local.depth = 0
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StoreError(f"SQLite database {self.path!r}: {exc}") from exc
             raise
         self._local.depth = 0
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"SQLite database {self.path!r}: commit failed: {exc}") from exc
 
     def disconnect(self) -> None:
         conn = getattr(self._local, "conn", None)
