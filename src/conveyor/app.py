@@ -130,6 +130,7 @@ class App:
         transactional: bool = False,
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
+        timeout_seconds: float | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as the handler of `queue`."""
         check_queue_name(queue)
@@ -144,6 +145,10 @@ class App:
         for name, value in (("lease_seconds", lease_seconds), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise UsageError(f"{where}: {name} must be a number > 0, not {value!r}")
+        if timeout_seconds is not None and (
+            not isinstance(timeout_seconds, (int, float)) or isinstance(timeout_seconds, bool) or timeout_seconds <= 0
+        ):
+            raise UsageError(f"{where}: timeout_seconds must be a number > 0 or None, not {timeout_seconds!r}")
         if queue in self.processors:
             raise UsageError(f"{where}: a processor is already registered for this queue")
 
@@ -151,6 +156,7 @@ class App:
             queue=queue, batch_size=batch_size, concurrency=concurrency, lease_seconds=float(lease_seconds),
             max_attempts=max_attempts, batch=batch, ordered=ordered, transactional=transactional,
             backoff_base=float(backoff_base), backoff_max=float(backoff_max),
+            timeout_seconds=None if timeout_seconds is None else float(timeout_seconds),
         )
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -110,3 +110,5 @@ class QueueOptions:
     transactional: bool = False
     backoff_base: float = 1.0
     backoff_max: float = 300.0
+    #: a handler running longer is given up on: cancelled (async) or abandoned (thread), and its item retried
+    timeout_seconds: float | None = None

@@ -64,6 +64,10 @@ class Lane:
         self.sync_q: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
         self.async_q: asyncio.Queue[Any] | None = None
         self.threads: list[threading.Thread] = []
+        #: thread ident → (monotonic start, items) of the sync handler runs under way
+        self.running: dict[int, tuple[float, list[Item]]] = {}
+        #: threads given up on by timeout: their late results are dropped, then they retire
+        self.abandoned: set[int] = set()
 
     # -- claiming -------------------------------------------------------------------------------
     def wanted(self) -> int:
@@ -107,12 +111,16 @@ class Lane:
     def start(self) -> None:
         if self.processor.is_async:
             return  # tasks are started by the worker on its event loop
-        for n in range(self.opts.concurrency):
-            t = threading.Thread(target=self._thread_main, name=f"conveyor-{self.opts.queue}-{n}", daemon=True)
-            t.start()
-            self.threads.append(t)
+        for _ in range(self.opts.concurrency):
+            self.add_thread()
+
+    def add_thread(self) -> None:
+        t = threading.Thread(target=self._thread_main, name=f"conveyor-{self.opts.queue}-{len(self.threads)}", daemon=True)
+        t.start()
+        self.threads.append(t)
 
     def _thread_main(self) -> None:
+        me = threading.get_ident()
         while True:
             unit = self.sync_q.get()
             if unit is None:
@@ -121,8 +129,39 @@ class Lane:
             if self.worker.stopping or all(it.id in self.lost for it in items):
                 self.worker.record_release(items)
                 continue
-            self.worker.run_sync(self, items)
+            with self.lock:
+                self.running[me] = (time.monotonic(), items)
+            exc = self.worker.run_sync(self, items)
+            with self.lock:
+                self.running.pop(me, None)
+                given_up = me in self.abandoned
+            if given_up:
+                log.warning("handler for %r returned after its timeout: result dropped, thread retired",
+                            self.opts.queue)
+                break
+            if exc is not _SETTLED:
+                self.worker._record_result(self, items, exc)
         self.worker.app.store.disconnect()
+
+    def given_up(self) -> bool:
+        """True in a handler thread that timed out (checked before a transactional commit)."""
+        with self.lock:
+            return threading.get_ident() in self.abandoned
+
+    def expire_overdue(self) -> list[list[Item]]:
+        """Give up on sync handler runs past timeout_seconds; returns their items."""
+        timeout = self.opts.timeout_seconds
+        if timeout is None or not self.running:
+            return []
+        now = time.monotonic()
+        overdue: list[list[Item]] = []
+        with self.lock:
+            for ident, (started, items) in list(self.running.items()):
+                if now - started > timeout:
+                    del self.running[ident]
+                    self.abandoned.add(ident)
+                    overdue.append(items)
+        return overdue
 
     async def task_main(self) -> None:
         assert self.async_q is not None
@@ -192,6 +231,8 @@ class Worker:
         min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
         self.heartbeat_interval = max(0.05, min_lease / 3)
         self.rescue_interval = max(0.25, min(5.0, min_lease / 2))
+        timeouts = [lane.opts.timeout_seconds for lane in self.lanes.values() if lane.opts.timeout_seconds]
+        self.timeout_check = max(0.02, min([1.0] + [t / 5 for t in timeouts]))
 
     # -- outcomes (called from runner threads and tasks) ----------------------------------------
     def _record(self, add: Any, n: int) -> None:
@@ -229,24 +270,26 @@ class Worker:
                 entries.append((i, t, delay, text))
             self._record(lambda o: o.retried.extend(entries), len(items))
 
-    def run_sync(self, lane: Lane, items: list[Item]) -> None:
+    def run_sync(self, lane: Lane, items: list[Item]) -> BaseException | None | object:
+        """Run a sync handler; returns its exception, None on success, or _SETTLED when a
+        transactional run settled the items itself."""
         arg: Any = items if lane.opts.batch else items[0]
         if lane.opts.transactional:
-            self._run_transactional(lane, items, arg)
-            return
+            return self._run_transactional(lane, items, arg)
         try:
             lane.processor.handler(arg)
         except BaseException as exc:  # a handler's failure never stops the worker
-            self._record_result(lane, items, exc)
-        else:
-            self._record_result(lane, items, None)
+            return exc
+        return None
 
-    def _run_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
+    def _run_transactional(self, lane: Lane, items: list[Item], arg: Any) -> BaseException | None | object:
         """The handler's writes and the items' resolution commit together, or not at all."""
         store = self.app.store
         try:
             with store.transaction() as conn:
                 lane.processor.handler(arg, conn)
+                if lane.given_up():
+                    raise LeaseLost([it.id for it in items], "handler ran past timeout_seconds: its writes are rolled back")
                 lost = store.resolve([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
                 if lost:
                     raise LeaseLost(lost)
@@ -254,12 +297,12 @@ class Worker:
             log.warning("%s: the handler's writes were rolled back", exc)
             self._count("lost", len(items))
         except BaseException as exc:
-            self._record_result(lane, items, exc)
-            return
+            return exc
         else:
             self._count("resolved", len(items))
         lane.settled([it.id for it in items])
         self.wake.set()
+        return _SETTLED
 
     def _count(self, key: str, n: int) -> None:
         with self._out_lock:
@@ -267,8 +310,15 @@ class Worker:
 
     async def run_async(self, lane: Lane, items: list[Item]) -> None:
         arg: Any = items if lane.opts.batch else items[0]
+        timeout = lane.opts.timeout_seconds
         try:
-            await lane.processor.handler(arg)
+            if timeout is None:
+                await lane.processor.handler(arg)
+            else:
+                try:
+                    await asyncio.wait_for(lane.processor.handler(arg), timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"handler ran past timeout_seconds={timeout:g} and was cancelled") from None
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self.forced:
                 raise
@@ -531,8 +581,20 @@ class Worker:
                         self.app.wakeup.set()
             except Exception as exc:  # the keeper must outlive a database hiccup
                 log.warning("heartbeat/rescue failed, will retry: %s", exc)
-            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
+            self._expire_overdue()
+            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue, now + self.timeout_check) - time.monotonic()))
         self.app.store.disconnect()
+
+    def _expire_overdue(self) -> None:
+        for lane in self.lanes.values():
+            for items in lane.expire_overdue():
+                timeout = lane.opts.timeout_seconds
+                log.warning("handler for %r ran past timeout_seconds=%g on item(s) %s: abandoned, item(s) retried",
+                            lane.opts.queue, timeout, [it.id for it in items][:10])
+                exc = TimeoutError(f"handler ran past timeout_seconds={timeout:g}; its thread was abandoned")
+                self._record_result(lane, items, exc)
+                if not self.stopping:
+                    lane.add_thread()  # keep `concurrency` threads at work
 
     # -- stopping -------------------------------------------------------------------------------
     def stop(self, force: bool = False) -> None:
@@ -563,6 +625,10 @@ class Worker:
                 signal.signal(s, h)
 
         return restore
+
+
+#: returned by run_sync when a transactional run settled its items itself
+_SETTLED = object()
 
 
 class _AnyEvent:
