@@ -42,9 +42,12 @@ def check_queue_name(queue: Any) -> str:
     return queue
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def encode_payload(payload: Any, where: str) -> str:
     try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _encode(payload)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: payload is not JSON-serialisable ({exc})") from None
 
@@ -204,13 +207,25 @@ class App:
         """Store many items in one transaction, all or nothing; returns how many were stored (items
         whose dedup_key is already stored are skipped). `key` and `dedup_key` may be a string or a
         function of the payload."""
-        items = [
-            self._new_item(
-                queue, p, _pick(key, p, "key", f"item {n}"), _pick(dedup_key, p, "dedup_key", f"item {n}"),
-                run_at, priority, f"submit_many to {queue!r}, item {n}",
-            )
-            for n, p in enumerate(payloads)
-        ]
+        check_queue_name(queue)
+        where = f"submit_many to {queue!r}"
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise UsageError(f"{where}: priority must be an integer, not {priority!r}")
+        when = to_timestamp(run_at, where)
+        payloads = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
+        if key is None and dedup_key is None:
+            # fast path: one C-level encode per payload, the checks above done once
+            try:
+                items = [NewItem(queue, _encode(p), None, None, when, priority) for p in payloads]
+            except (TypeError, ValueError):
+                items = [NewItem(queue, encode_payload(p, f"{where}, item {n}"), None, None, when, priority)
+                         for n, p in enumerate(payloads)]
+        else:
+            items = [
+                NewItem(queue, encode_payload(p, f"{where}, item {n}"), _pick(key, p, "key", f"{where}, item {n}"),
+                        _pick(dedup_key, p, "dedup_key", f"{where}, item {n}"), when, priority)
+                for n, p in enumerate(payloads)
+            ]
         return self.submit_items(items)
 
     def submit_items(self, items: Sequence[NewItem], *, chunk: int | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class State(str, enum.Enum):
@@ -48,9 +48,9 @@ class Item:
     claim_token: int | None = field(default=None, repr=False)
 
 
-@dataclass(slots=True, frozen=True)
-class NewItem:
-    """A validated submission, ready for a store (payload already JSON text)."""
+class NewItem(NamedTuple):
+    """A validated submission, ready for a store (payload already JSON text). A tuple: cheap to
+    build by the hundred thousand."""
 
     queue: str
     payload_json: str
