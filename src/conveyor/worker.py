@@ -356,7 +356,10 @@ class Worker:
                 settled_ids = [e[0] for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
                 for lane in self.lanes.values():
                     if lane.inflight:
+                        before = len(lane.inflight)
                         lane.settled(settled_ids)
+                        if lane.opts.ordered and len(lane.inflight) < before:
+                            lane.dry = False  # settling may unblock the next item of a key: claim again
             for lane, n in self._wants():
                 claim = lane.claim if n == lane.claim.limit else Claim(
                     lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
@@ -566,11 +569,15 @@ class Worker:
                     for lane in self.lanes.values():
                         tokens = lane.tokens()
                         if tokens:
-                            lost = store.extend_leases(tokens, lane.opts.lease_seconds)
-                            if lost:
+                            refused = store.extend_leases(tokens, lane.opts.lease_seconds)
+                            if refused:
+                                # an item settled meanwhile (a transactional commit, say) was refused
+                                # for being done, not lost: only what we still hold counts
                                 with lane.lock:
+                                    lost = [i for i in refused if i in lane.inflight]
                                     lane.lost.update(lost)
-                                log.warning("heartbeat: lease lost on item(s) %s", lost[:20])
+                                if lost:
+                                    log.warning("heartbeat: lease lost on item(s) %s", lost[:20])
                 if now >= next_rescue:
                     next_rescue = now + self.rescue_interval
                     rescued = store.rescue_expired()

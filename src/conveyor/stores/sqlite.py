@@ -51,7 +51,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             finished_at      REAL
         );
         -- claim: only pending rows live here, so claim cost does not grow with resolved history
-        CREATE INDEX conveyor_items_pending ON conveyor_items (queue, priority DESC, run_at, id)
+        CREATE INDEX conveyor_items_pending ON conveyor_items (queue, priority DESC, run_at, id, key)
             WHERE state = 'pending';
         -- rescue of expired leases
         CREATE INDEX conveyor_items_leases ON conveyor_items (lease_expires_at)
@@ -67,25 +67,50 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
 ]
 
-_CLAIM_SQL = """
+_CLAIM_SET = """
 UPDATE conveyor_items
    SET state = 'in_progress', attempts = attempts + 1, lease_owner = ?1,
        lease_expires_at = ?2 + ?3, claim_token = ?4, max_attempts = ?5, updated_at = ?2
- WHERE id IN (
-       SELECT id FROM conveyor_items AS c INDEXED BY conveyor_items_pending
-        WHERE c.queue = ?6 AND c.state = 'pending' AND c.run_at <= ?2 {ordered}
-        ORDER BY c.priority DESC, c.run_at, c.id
-        LIMIT ?7)
+ WHERE id IN ({candidates})
 RETURNING """ + ITEM_COLUMNS
 
-# Ordered queues: an item of a key may start only when no earlier item of that key is unfinished
-# and no item of that key is running (a requeued dead item can be later in id yet running).
-_ORDERED_FILTER = """
-          AND (c.key IS NULL OR NOT EXISTS (
-               SELECT 1 FROM conveyor_items AS o INDEXED BY conveyor_items_keyed
-                WHERE o.queue = c.queue AND o.key = c.key
-                  AND o.state IN ('pending', 'in_progress')
-                  AND (o.id < c.id OR o.state = 'in_progress')))"""
+_CLAIM_SQL = _CLAIM_SET.format(candidates="""
+       SELECT id FROM conveyor_items AS c INDEXED BY conveyor_items_pending
+        WHERE c.queue = ?6 AND c.state = 'pending' AND c.run_at <= ?2
+        ORDER BY c.priority DESC, c.run_at, c.id
+        LIMIT ?7""")
+
+# Ordered queues: only the head of each key (its lowest unfinished id) may start, and only when it
+# is pending, due, and no other item of its key is running (a requeued dead item can be later in
+# id yet running). The heads are found by a skip-scan of the keyed index (one seek per distinct
+# key, recursive CTE), so a claim costs O(keys · log n) however deep each key's backlog is, instead
+# of a subquery per blocked pending item. Items without a key are independent, claimed like any
+# queue's (that branch scans the pending index, filtering on the key column it carries).
+_KEYED = "INDEXED BY conveyor_items_keyed WHERE queue = ?6 AND key IS NOT NULL AND state IN ('pending', 'in_progress')"
+_CLAIM_ORDERED_SQL = """
+WITH RECURSIVE keys(k) AS (
+     SELECT (SELECT key FROM conveyor_items {keyed} ORDER BY key LIMIT 1)
+     UNION ALL
+     SELECT (SELECT key FROM conveyor_items {keyed} AND key > keys.k ORDER BY key LIMIT 1)
+       FROM keys WHERE keys.k IS NOT NULL),
+heads(id) AS (
+     SELECT (SELECT id FROM conveyor_items {keyed} AND key = keys.k ORDER BY id LIMIT 1)
+       FROM keys WHERE keys.k IS NOT NULL)
+""".format(keyed=_KEYED) + _CLAIM_SET.format(candidates="""
+       SELECT id FROM (
+           SELECT c.id, c.priority, c.run_at FROM heads JOIN conveyor_items AS c ON c.id = heads.id
+            WHERE c.state = 'pending' AND c.run_at <= ?2
+              AND NOT EXISTS (
+                  SELECT 1 FROM conveyor_items AS o INDEXED BY conveyor_items_keyed
+                   WHERE o.queue = c.queue AND o.key = c.key AND o.key IS NOT NULL
+                     AND o.state IN ('pending', 'in_progress') AND o.state = 'in_progress')
+           UNION ALL
+           SELECT * FROM (
+               SELECT id, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending
+                WHERE queue = ?6 AND state = 'pending' AND run_at <= ?2 AND key IS NULL
+                ORDER BY priority DESC, run_at, id LIMIT ?7))
+        ORDER BY priority DESC, run_at, id
+        LIMIT ?7""")
 
 _INSERT_SQL = """
 INSERT INTO conveyor_items (queue, payload, key, dedup_key, priority, run_at, created_at, updated_at)
@@ -303,7 +328,7 @@ class SQLiteStore:
 
     # -- claim ----------------------------------------------------------------------------------
     def claim(self, claim: Claim, owner: str) -> list[Item]:
-        sql = _CLAIM_SQL.format(ordered=_ORDERED_FILTER if claim.ordered else "")
+        sql = _CLAIM_ORDERED_SQL if claim.ordered else _CLAIM_SQL
         args = (owner, time.time(), claim.lease_seconds, new_token(), claim.max_attempts, claim.queue, claim.limit)
         with self.transaction() as conn:
             rows = conn.execute(sql, args).fetchall()
