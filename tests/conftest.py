@@ -21,7 +21,7 @@ PG_HINT = (
     "(or set CONVEYOR_TEST_PG to an admin URL)"
 )
 
-STORES = ["sqlite"]  # "postgres" joins with stores/postgres.py
+STORES = ["sqlite", "postgres"]
 
 
 def _pg_available() -> str | None:

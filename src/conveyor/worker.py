@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue as queue_mod
+import collections
 import signal
 import socket
 import threading
@@ -61,7 +61,7 @@ class Lane:
         self.lock = threading.Lock()
         self.lost: set[int] = set()
         self.dry = False  # the last claim came back short: wait for a change before claiming again
-        self.sync_q: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
+        self.handoff = Handoff()
         self.async_q: asyncio.Queue[Any] | None = None
         self.threads: list[threading.Thread] = []
         #: thread ident → (monotonic start, items) of the sync handler runs under way
@@ -89,17 +89,13 @@ class Lane:
             for it in items:
                 self.inflight[it.id] = it
         self.dry = len(items) < asked
+        units: list[Any] = [items] if self.opts.batch else items
         if self.processor.is_async:
-            loop = self.worker.loop
-            assert loop is not None and self.async_q is not None
-            units = [items] if self.opts.batch else items
-            for unit in units:
-                loop.call_soon_threadsafe(self.async_q.put_nowait, unit)
-        elif self.opts.batch:
-            self.sync_q.put(items)
+            loop, q = self.worker.loop, self.async_q
+            assert loop is not None and q is not None
+            loop.call_soon_threadsafe(_put_all, q, units)
         else:
-            for it in items:
-                self.sync_q.put(it)
+            self.handoff.put_many(units)
 
     def settled(self, ids: Sequence[int]) -> None:
         with self.lock:
@@ -122,7 +118,7 @@ class Lane:
     def _thread_main(self) -> None:
         me = threading.get_ident()
         while True:
-            unit = self.sync_q.get()
+            unit = self.handoff.get()
             if unit is None:
                 break
             items = unit if isinstance(unit, list) else [unit]
@@ -178,16 +174,49 @@ class Lane:
     def drain_unstarted(self) -> list[Item]:
         """Take back what no runner has started yet (at shutdown)."""
         taken: list[Item] = []
-        while True:
-            try:
-                unit = self.sync_q.get_nowait()
-            except queue_mod.Empty:
-                break
-            if unit is None:
-                self.sync_q.put(None)
-                break
+        for unit in self.handoff.drain():
             taken.extend(unit if isinstance(unit, list) else [unit])
         return taken
+
+
+class Handoff:
+    """Work for handler threads: many units put with one wake-up, taken one at a time, so a slow
+    item never holds up others while a thread is free."""
+
+    def __init__(self) -> None:
+        self._units: collections.deque[Any] = collections.deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._closed = False
+
+    def put_many(self, units: list[Any]) -> None:
+        with self._cv:
+            self._units.extend(units)
+            self._cv.notify(len(units))
+
+    def get(self) -> Any:
+        """The next unit, or None once closed and empty."""
+        with self._cv:
+            while not self._units:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            return self._units.popleft()
+
+    def drain(self) -> list[Any]:
+        with self._cv:
+            units = list(self._units)
+            self._units.clear()
+        return units
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+def _put_all(q: "asyncio.Queue[Any]", units: list[Any]) -> None:
+    for unit in units:
+        q.put_nowait(unit)
 
 
 class Worker:
@@ -544,8 +573,7 @@ class Worker:
                     for _ in range(lane.opts.concurrency):
                         self.loop.call_soon_threadsafe(lane.async_q.put_nowait, None)
             else:
-                for _ in lane.threads:
-                    lane.sync_q.put(None)
+                lane.handoff.close()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
             if self._loop_thread:

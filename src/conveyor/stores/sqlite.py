@@ -342,7 +342,7 @@ class SQLiteStore:
     def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float) -> list[int]:
         if not entries:
             return []
-        batch = json.dumps([list(e) for e in entries])
+        batch = json.dumps(entries)
         with self.transaction() as conn:
             accepted = [r[0] for r in conn.execute(sql, (batch, when))]
         return refused(entries, accepted)

@@ -1,0 +1,1 @@
+"""Reproducible conveyor workloads and the raw-SQL reference loops they are measured against."""

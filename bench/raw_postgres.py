@@ -1,0 +1,193 @@
+"""The PostgreSQL raw-SQL reference loop: a claim (UPDATE … RETURNING over a SKIP LOCKED pick
+through a partial index on pending items) and a batched, token-fenced resolve, driven straight
+through psycopg by P processes with no conveyor layer.
+
+Each process loops one transaction that resolves the batch it claimed last time and claims the
+next: the shape of conveyor's worker cycle, minus everything around it.
+
+The statements (schema, insert, claim, resolve) are imported from conveyor.stores.postgres, as
+raw_sqlite imports SQLite's, so the reference never drifts from the store. If that module cannot be
+imported (it was being written when this bench was), the bench's own copies below are used, which
+follow design.md's PostgreSQL claim; `SQL_SOURCE` says which ran and is recorded with each result.
+
+Run alone: python -m bench.raw_postgres [--items 20000] [--processes 2] [--batch-size 100]
+(needs PostgreSQL at $CONVEYOR_BENCH_PG, default postgresql://postgres@127.0.0.1:5432/postgres)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import secrets
+import time
+
+import psycopg
+
+from conveyor.stores.common import ITEM_COLUMNS
+
+from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, payloads, pg_database
+
+SCHEMA = """
+CREATE TABLE conveyor_items (
+    id               BIGSERIAL PRIMARY KEY,
+    queue            TEXT        NOT NULL,
+    payload          JSONB       NOT NULL,
+    key              TEXT,
+    dedup_key        TEXT,
+    state            TEXT        NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending','in_progress','resolved','dead','cancelled')),
+    priority         INTEGER     NOT NULL DEFAULT 0,
+    run_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
+    attempts         INTEGER     NOT NULL DEFAULT 0,
+    max_attempts     INTEGER,
+    lease_owner      TEXT,
+    lease_expires_at TIMESTAMPTZ,
+    claim_token      BIGINT,
+    last_error       TEXT,
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at      TIMESTAMPTZ
+);
+CREATE INDEX conveyor_items_pending ON conveyor_items (queue, priority DESC, run_at, id) WHERE state = 'pending';
+CREATE INDEX conveyor_items_leases ON conveyor_items (lease_expires_at) WHERE state = 'in_progress';
+CREATE INDEX conveyor_items_status ON conveyor_items (queue, state, finished_at);
+CREATE UNIQUE INDEX conveyor_items_dedup ON conveyor_items (queue, dedup_key) WHERE dedup_key IS NOT NULL;
+"""
+
+# ARRAY(SELECT …) runs the SKIP LOCKED pick once, as an init plan, however the UPDATE is planned.
+CLAIM_SQL = f"""
+UPDATE conveyor_items
+   SET state = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s,
+       lease_expires_at = now() + %(lease)s * interval '1 second', claim_token = %(token)s,
+       max_attempts = %(max_attempts)s, updated_at = now()
+ WHERE id = ANY(ARRAY(
+       SELECT id FROM conveyor_items
+        WHERE queue = %(queue)s AND state = 'pending' AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED))
+RETURNING {ITEM_COLUMNS}"""
+
+RESOLVE_SQL = """
+UPDATE conveyor_items AS c
+   SET state = 'resolved', finished_at = now(), updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
+  FROM unnest(%(ids)s::bigint[], %(toks)s::bigint[], %(b2)s::text[], %(b3)s::text[]) AS b(bid, btok, b2, b3)
+ WHERE c.id = b.bid AND c.claim_token = b.btok AND c.state = 'in_progress'
+RETURNING c.id"""
+INSERT_SQL = None  # the bench copy inserts with COPY
+
+SQL_SOURCE = "bench copy (conveyor.stores.postgres not importable)"
+try:
+    from conveyor.stores import postgres as _store
+
+    SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
+    CLAIM_SQL = _store._CLAIM_SQL.format(ordered="")
+    RESOLVE_SQL = _store._RESOLVE_SQL
+    INSERT_SQL = _store._INSERT_SQL
+    SQL_SOURCE = "conveyor.stores.postgres"
+except (ImportError, AttributeError):
+    pass
+
+LEASE_SECONDS = 30.0
+MAX_ATTEMPTS = 5
+
+
+def create(url: str, n: int) -> float:
+    """Schema, then N items in one transaction (the store's INSERT, else COPY), then ANALYZE
+    (design.md's lesson: a fresh table has no statistics). Returns the insert's seconds."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        texts = [json.dumps(p, separators=(",", ":")) for p in payloads(n)]
+        t0 = time.perf_counter()
+        with conn.transaction(), conn.cursor() as cur:
+            if INSERT_SQL is not None:
+                cur.execute(INSERT_SQL, ([QUEUE] * n, texts, [None] * n, [None] * n, [0] * n, [None] * n))
+            else:
+                with cur.copy("COPY conveyor_items (queue, payload) FROM STDIN") as copy:
+                    for text in texts:
+                        copy.write_row((QUEUE, text))
+        seconds = time.perf_counter() - t0
+        conn.execute("ANALYZE conveyor_items")
+    return seconds
+
+
+def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]") -> None:
+    """One process: resolve what it holds and claim the next batch, in one transaction, until a
+    claim comes back empty. Reports how many items it resolved."""
+    owner = f"raw:{os.getpid()}"
+    ids: list[int] = []
+    tokens: list[int] = []
+    none: list[None] = []
+    resolved = 0
+    with psycopg.connect(url) as conn:
+        while True:
+            with conn.transaction():
+                if ids:
+                    resolved += len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": none, "b3": none}).fetchall())
+                rows = conn.execute(CLAIM_SQL, {
+                    "owner": owner, "lease": LEASE_SECONDS, "token": secrets.randbits(63),
+                    "max_attempts": MAX_ATTEMPTS, "queue": QUEUE, "limit": batch_size,
+                }).fetchall()
+            if not rows:
+                break
+            ids = [r[0] for r in rows]
+            none = [None] * len(ids)
+            tokens = [r[15] for r in rows]  # ITEM_COLUMNS ends with claim_token
+    out.put(resolved)
+
+
+def counts(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("SELECT state, count(*) FROM conveyor_items GROUP BY state").fetchall())
+
+
+def drain(url: str, processes: int, batch_size: int) -> tuple[float, float]:
+    """Run the loop in `processes` forked processes: (seconds from the first fork to the last exit,
+    CPU seconds they used)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    procs = [ctx.Process(target=loop, args=(url, batch_size, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        out.get()
+    for p in procs:
+        p.join()
+    seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - c0
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"raw PostgreSQL loop process failed: exit codes {[p.exitcode for p in procs]}")
+    return seconds, cpu
+
+
+def run(n: int, processes: int, batch_size: int, admin_url: str = PG_ADMIN_URL) -> dict:
+    """Fresh database, N items, drained by the raw loop; checked from the table."""
+    with pg_database(admin_url, suffix="raw") as url:
+        insert_s = create(url, n)
+        seconds, cpu = drain(url, processes, batch_size)
+        got = counts(url)
+    if got != {"resolved": n}:
+        raise RuntimeError(f"raw PostgreSQL loop left the table as {got}, expected {{'resolved': {n}}}")
+    return {"raw_seconds": seconds, "raw_per_s": n / seconds,
+            "raw_cpu_us_per_item": 1e6 * cpu / n,
+            "raw_insert_per_s": n / insert_s,
+            "raw_sql": SQL_SOURCE}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--pg", default=PG_ADMIN_URL, help="admin URL (a database to CREATE DATABASE from)")
+    args = ap.parse_args()
+    r = run(args.items, args.processes, args.batch_size, args.pg)
+    print(f"raw PostgreSQL loop: {args.items} items, {args.processes} process(es), batch {args.batch_size}: "
+          f"{r['raw_per_s']:,.0f} items/s ({r['raw_seconds']:.2f} s); insert {r['raw_insert_per_s']:,.0f} items/s")
+
+
+if __name__ == "__main__":
+    main()

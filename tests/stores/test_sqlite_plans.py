@@ -1,0 +1,94 @@
+"""SQLite only: the claim and settle statements keep their indexes, also after ANALYZE.
+
+The planner can abandon the partial pending index once ANALYZE has seen a table full of resolved
+rows, and then scan the whole table on every claim (design.md, "Lessons measured"). These tests read
+the plans SQLite actually chooses for conveyor's own statements.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conveyor.stores import sqlite as sq
+from conveyor.stores.base import open_store
+
+from .helpers import claim, new, tokens
+
+
+@pytest.fixture
+def busy_store(sqlite_url):
+    """A store with thousands of resolved rows, a few pending ones, and fresh ANALYZE statistics."""
+    store = open_store(sqlite_url)
+    store.migrate()
+    store.submit_many([new("q", i, key=f"k{i % 50}") for i in range(6000)])
+    while got := claim(store, limit=1000, lease=60):
+        store.resolve(tokens(got))
+    store.submit_many([new("q", i, key=f"k{i % 3}") for i in range(10)])
+    claim(store, limit=2)
+    store._conn().execute("ANALYZE")
+    yield store
+    store.close()
+
+
+def plan(store, sql: str, args) -> str:
+    rows = store._conn().execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+    return "\n".join(r[-1] for r in rows)
+
+
+def table_scans(text: str) -> list[str]:
+    """Plan lines that read the items table (under any alias) from end to end."""
+    return [line for line in text.splitlines()
+            if line.startswith("SCAN ") and line.split()[1] in ("conveyor_items", "c", "o")]
+
+
+def claim_args():
+    return ("owner", time.time(), 30.0, 1, 5, "q", 100)
+
+
+@pytest.mark.parametrize("sql_name", ["_CLAIM_SQL", "_CLAIM_ORDERED_SQL"])
+def test_claim_uses_the_partial_pending_index(busy_store, sql_name):
+    text = plan(busy_store, getattr(sq, sql_name), claim_args())
+    assert "INDEX conveyor_items_pending" in text, text
+    # the UPDATE finds the chosen rows by primary key, never by scanning the table
+    assert "SEARCH conveyor_items USING INTEGER PRIMARY KEY" in text, text
+    assert table_scans(text) == [], text
+    if sql_name == "_CLAIM_ORDERED_SQL":
+        assert "INDEX conveyor_items_keyed" in text, text
+
+
+@pytest.mark.parametrize("name", ["_RESOLVE_SQL", "_RETRY_SQL", "_FAIL_SQL", "_RELEASE_SQL", "_EXTEND_SQL"])
+def test_settle_statements_search_by_primary_key(busy_store, name):
+    batch = json.dumps([[1, 2, 0.0, "x"], [3, 4, 0.0, "y"]])
+    text = plan(busy_store, getattr(sq, name), (batch, time.time()))
+    assert "SEARCH conveyor_items USING INTEGER PRIMARY KEY" in text, text
+    assert table_scans(text) == [], text
+
+
+def test_rescue_uses_the_lease_index(busy_store):
+    text = plan(busy_store, sq._RESCUE_SQL, (time.time(),))
+    assert "conveyor_items_leases" in text, text
+    assert table_scans(text) == [], text
+
+
+def test_claim_still_works_after_analyze(busy_store):
+    got = claim(busy_store, limit=100)
+    assert len(got) == 8
+    assert busy_store.resolve(tokens(got)) == []
+
+
+def test_first_migrate_of_a_fresh_database_reports_what_it_applied(sqlite_url):
+    store = open_store(sqlite_url)
+    try:
+        applied = store.migrate()
+        assert applied and applied == sorted(applied) and applied[0] == 1
+        assert store.migrate() == []
+    finally:
+        store.close()
+    again = open_store(sqlite_url)
+    try:
+        assert again.migrate() == []
+    finally:
+        again.close()

@@ -1,0 +1,316 @@
+"""App: the public API, its validation of a user's input, and submitting."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+
+import conveyor
+from conveyor import App, State, UsageError
+
+
+def test_public_api_is_pinned():
+    assert conveyor.__all__ == [
+        "App",
+        "ConveyorError",
+        "Fail",
+        "Item",
+        "ItemNotFound",
+        "LeaseLost",
+        "QueueOptions",
+        "Retry",
+        "State",
+        "StoreError",
+        "UsageError",
+        "__version__",
+    ]
+    for name in conveyor.__all__:
+        assert hasattr(conveyor, name), name
+
+
+def test_error_tree():
+    assert issubclass(conveyor.UsageError, conveyor.ConveyorError)
+    assert issubclass(conveyor.UsageError, ValueError)
+    assert issubclass(conveyor.ItemNotFound, conveyor.UsageError)
+    assert issubclass(conveyor.StoreError, conveyor.ConveyorError)
+    assert issubclass(conveyor.LeaseLost, conveyor.ConveyorError)
+    assert not issubclass(conveyor.Retry, conveyor.ConveyorError)
+    assert not issubclass(conveyor.Fail, conveyor.ConveyorError)
+    assert conveyor.LeaseLost([3, 4]).item_ids == [3, 4]
+    with pytest.raises(ValueError):
+        conveyor.Retry(delay=-1)
+
+
+# -- database URLs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, words", [
+    ("mysql://user@host/db", ["scheme", "mysql"]),
+    ("just-a-path.db", ["scheme", "just-a-path.db"]),
+])
+def test_bad_url_is_a_usage_error_naming_the_problem(url, words):
+    with pytest.raises(UsageError) as info:
+        App(url).stats()
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_empty_url_is_a_usage_error():
+    from conveyor.stores.base import open_store
+
+    with pytest.raises(UsageError, match="empty"):
+        open_store("  ")
+
+
+def test_sqlite_url_with_missing_folder(tmp_path):
+    app = App(f"sqlite:///{tmp_path}/no/such/folder/c.db")
+    with pytest.raises(UsageError, match="folder"):
+        app.submit("q", 1)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///"])
+def test_sqlite_url_without_a_shareable_file_is_refused(url):
+    with pytest.raises(UsageError, match="file"):
+        App(url).stats()
+
+
+def test_sqlite_url_with_a_host_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="host"):
+        App(f"sqlite://somehost/{tmp_path}/c.db").stats()
+
+
+def test_url_defaults_to_the_environment(monkeypatch, tmp_path):
+    url = f"sqlite:///{tmp_path}/env.db"
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", url)
+    assert App().url == url
+    monkeypatch.delenv("CONVEYOR_DATABASE_URL")
+    assert App().url == "sqlite:///conveyor.db"
+
+
+# -- submit -----------------------------------------------------------------------------------
+
+def test_submit_returns_the_new_id(app):
+    a = app.submit("orders", {"order_id": 7}, key="restaurant-3", priority=2)
+    b = app.submit("orders", {"order_id": 8})
+    assert isinstance(a, int) and b != a
+    item = app.get(a)
+    assert (item.queue, item.payload, item.key, item.priority, item.state) == (
+        "orders", {"order_id": 7}, "restaurant-3", 2, State.PENDING)
+
+
+def test_submit_with_a_stored_dedup_key_returns_the_existing_id(app):
+    a = app.submit("orders", {"v": 1}, dedup_key="order-7")
+    assert app.submit("orders", {"v": 2}, dedup_key="order-7") == a
+    assert app.get(a).payload == {"v": 1}
+    assert app.stats()["orders"]["total"] == 1
+    other = app.submit("refunds", {"v": 3}, dedup_key="order-7")
+    assert other != a
+
+
+def test_int_key_is_stored_as_text(app):
+    a = app.submit("q", 1, key=42)
+    assert app.get(a).key == "42"
+
+
+def test_submit_many_counts_stored_items(app):
+    assert app.submit_many("q", [{"i": i} for i in range(25)]) == 25
+    assert app.submit_many("q", []) == 0
+    assert app.stats()["q"]["pending"] == 25
+
+
+def test_submit_many_with_key_and_dedup_callables(app):
+    payloads = [{"shop": f"s{i % 3}", "order": i} for i in range(9)]
+    n = app.submit_many("q", payloads, key=lambda p: p["shop"], dedup_key=lambda p: f"order-{p['order']}")
+    assert n == 9
+    # resubmitting the same orders stores nothing new; a new one is stored
+    n2 = app.submit_many("q", payloads + [{"shop": "s9", "order": 99}], key=lambda p: p["shop"],
+                         dedup_key=lambda p: f"order-{p['order']}")
+    assert n2 == 1
+    store = app.store
+    for p in payloads:
+        item = store.get(store.find_dedup("q", f"order-{p['order']}"))
+        assert item.key == p["shop"] and item.payload == p
+
+
+def test_submit_many_with_fixed_key(app):
+    app.submit_many("q", [1, 2], key="same")
+    ids = [it.id for it in app.store.claim(conveyor.model.Claim("q", 10, 30, 5), "t")]
+    assert [app.get(i).key for i in ids] == ["same", "same"]
+
+
+def test_run_at_as_timedelta_datetime_and_seconds(app):
+    now = time.time()
+    a = app.submit("q", "td", run_at=dt.timedelta(hours=1))
+    b = app.submit("q", "aware", run_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=30))
+    c = app.submit("q", "naive-local", run_at=dt.datetime.now() + dt.timedelta(minutes=10))
+    d = app.submit("q", "seconds", run_at=now + 120)
+    e = app.submit("q", "past", run_at=dt.timedelta(seconds=-5))
+    expected = {a: 3600, b: 1800, c: 600, d: 120, e: -5}
+    for item_id, offset in expected.items():
+        assert abs(app.get(item_id).run_at.timestamp() - (now + offset)) < 5, item_id
+    claimed = app.store.claim(conveyor.model.Claim("q", 10, 30, 5), "t")
+    assert [it.id for it in claimed] == [e]
+
+
+def test_submit_many_run_at_applies_to_all(app):
+    app.submit_many("q", [1, 2, 3], run_at=dt.timedelta(hours=1))
+    assert app.store.claim(conveyor.model.Claim("q", 10, 30, 5), "t") == []
+    assert app.stats()["q"]["pending"] == 3
+
+
+# -- bad input: one clear error, nothing stored -----------------------------------------------
+
+class NotJSON:
+    pass
+
+
+@pytest.mark.parametrize("payload", [NotJSON(), {"when": dt.datetime.now()}, float("nan"), {1j: 2}, b"bytes"])
+def test_payload_not_json_serialisable(app, payload):
+    with pytest.raises(UsageError, match="JSON"):
+        app.submit("q", payload)
+    assert app.stats() == {}
+
+
+def test_one_bad_payload_stores_nothing_of_the_batch(app):
+    with pytest.raises(UsageError, match="item 2"):
+        app.submit_many("q", [1, 2, NotJSON(), 4])
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("queue", ["", "has space", "tab\there", "new\nline", 12, None, "x" * 201])
+def test_invalid_queue_name(app, queue):
+    with pytest.raises(UsageError, match="queue name"):
+        app.submit(queue, 1)
+    with pytest.raises(UsageError, match="queue name"):
+        app.submit_many(queue, [1])
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("priority", ["1", 1.5, True, None])
+def test_bad_priority(app, priority):
+    with pytest.raises(UsageError, match="priority"):
+        app.submit("q", 1, priority=priority)
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("run_at", ["tomorrow", [1], True, dt.date.today()])
+def test_bad_run_at(app, run_at):
+    with pytest.raises(UsageError, match="run_at"):
+        app.submit("q", 1, run_at=run_at)
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("field", ["key", "dedup_key"])
+@pytest.mark.parametrize("value", [1.5, ["a"], {"a": 1}, True, ""])
+def test_bad_key_types(app, field, value):
+    with pytest.raises(UsageError, match=field):
+        app.submit("q", 1, **{field: value})
+    assert app.stats() == {}
+
+
+def test_bad_key_from_a_callable_names_the_item(app):
+    with pytest.raises(UsageError, match=r"item 1.*key"):
+        app.submit_many("q", [{"k": "a"}, {"k": 3.5}], key=lambda p: p["k"])
+    assert app.stats() == {}
+
+
+# -- processors -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bare_app(sqlite_url):
+    """An App whose database is never opened: registering processors needs none."""
+    return App(sqlite_url)
+
+@pytest.mark.parametrize("option, value", [
+    ("batch_size", 0), ("batch_size", 1.5), ("batch_size", True), ("batch_size", "10"),
+    ("concurrency", 0), ("concurrency", -1),
+    ("max_attempts", 0),
+    ("lease_seconds", 0), ("lease_seconds", -1), ("lease_seconds", "30"),
+    ("backoff_base", 0), ("backoff_max", -5),
+])
+def test_processor_option_validation(bare_app, option, value):
+    with pytest.raises(UsageError, match=option):
+        bare_app.processor("q", **{option: value})
+    assert "q" not in bare_app.processors
+
+
+def test_processor_with_bad_queue_name(bare_app):
+    with pytest.raises(UsageError, match="queue name"):
+        bare_app.processor("bad name")
+
+
+def test_duplicate_processor_is_refused(bare_app):
+    @bare_app.processor("q")
+    def first(item):
+        pass
+
+    with pytest.raises(UsageError, match="already registered"):
+        @bare_app.processor("q")
+        def second(item):
+            pass
+
+    assert bare_app.processors["q"].handler is first
+
+
+def test_processor_records_its_options_and_kind(bare_app):
+    @bare_app.processor("a", batch_size=7, concurrency=2, lease_seconds=3, max_attempts=9, ordered=True)
+    def handle(item):
+        pass
+
+    @bare_app.processor("b", batch=True)
+    async def handle_b(items):
+        pass
+
+    pa, pb = bare_app.processors["a"], bare_app.processors["b"]
+    assert pa.options == conveyor.QueueOptions("a", batch_size=7, concurrency=2, lease_seconds=3.0,
+                                              max_attempts=9, ordered=True)
+    assert pa.is_async is False and pb.is_async is True and pb.options.batch is True
+    assert handle.__name__ == "handle"  # the decorator gives the function back
+
+
+def test_async_transactional_handler_is_refused(bare_app):
+    with pytest.raises(UsageError, match="transactional"):
+        @bare_app.processor("q", transactional=True)
+        async def handle(item, conn):
+            pass
+
+    assert "q" not in bare_app.processors
+
+
+def test_worker_needs_processors_and_known_queues(app):
+    from conveyor.worker import Worker
+
+    with pytest.raises(UsageError, match="no processors"):
+        Worker(app)
+
+    @app.processor("q")
+    def handle(item):
+        pass
+
+    with pytest.raises(UsageError, match="'nope'"):
+        Worker(app, ["nope"])
+    with pytest.raises(UsageError, match="processes"):
+        app.run_worker(processes=0, install_signal_handlers=False)
+
+
+# -- operators through the App ----------------------------------------------------------------
+
+def test_purge_validation(app):
+    with pytest.raises(UsageError, match="negative"):
+        app.purge("q", -1)
+    with pytest.raises(UsageError, match="queue name"):
+        app.purge("bad name", 10)
+    assert app.purge("q", dt.timedelta(days=7)) == 0
+
+
+def test_cancel_and_requeue_through_the_app(app):
+    a = app.submit("q", 1)
+    app.cancel(a)
+    assert app.get(a).state == State.CANCELLED
+    assert app.requeue("q") == 1
+    assert app.get(a).state == State.PENDING
+    with pytest.raises(conveyor.ItemNotFound):
+        app.cancel(10**9)

@@ -1,0 +1,432 @@
+"""PostgreSQL-only behaviour: many processes draining one queue, connections killed and the server
+restarted under running workers, ordered claims racing, the claim plan, fork safety, wake-ups.
+
+Store behaviour shared with SQLite lives in tests/stores/ (the conformance suite); these tests cover
+what only a client/server database can get wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import conveyor
+from conveyor.errors import StoreError, UsageError
+from conveyor.model import Claim, NewItem
+from conveyor.stores.postgres import _CLAIM_SQL, _ORDERED_FILTER, COPY_FROM, PostgresStore
+from conveyor.stores.sqlite import SQLiteStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    with admin(pg_database) as conn:
+        if conn.execute("SELECT to_regclass('conveyor_items')").fetchone()[0]:
+            conn.execute("TRUNCATE conveyor_items RESTART IDENTITY")
+    return pg_database
+
+
+@pytest.fixture
+def store(pg_url):
+    s = PostgresStore(pg_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def admin(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True, application_name="conveyor-test-admin")
+
+
+def new(queue="q", payload=None, **kw) -> NewItem:
+    return NewItem(queue=queue, payload_json=json.dumps(payload), **kw)
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [5, COPY_FROM + 50])
+def test_submit_ids_and_dedup_skips_match_sqlite(store, tmp_path, n):
+    """Both submit paths (one statement; COPY) report ids and dedup skips in input order exactly
+    where SQLite does: duplicates within the batch and against stored items."""
+    store.submit_many([new(payload="old", dedup_key="d1")])
+    batch = [new(payload={"n": i}, dedup_key=(f"d{i % 7}" if i % 3 == 0 else None), key=f"k{i % 2}",
+                 run_at=(time.time() + 60 if i == 4 else None), priority=i % 3) for i in range(n)]
+    lite = SQLiteStore(f"sqlite:///{tmp_path / 'x.db'}")
+    lite.submit_many([new(payload="old", dedup_key="d1")])
+    expected = [i is None for i in lite.submit_many(batch)]
+    lite.close()
+    got = store.submit_many(batch)
+    assert [i is None for i in got] == expected
+    stored = [i for i in got if i is not None]
+    assert len(set(stored)) == len(stored)
+    for i, item_id in enumerate(got):
+        if item_id is not None:
+            item = store.get(item_id)
+            assert (item.payload, item.key, item.dedup_key, item.priority) == (
+                {"n": i}, batch[i].key, batch[i].dedup_key, batch[i].priority)
+    assert store.get(got[4]).run_at.timestamp() == pytest.approx(batch[4].run_at, abs=0.001)
+
+
+def test_bulk_submit_is_all_or_nothing(store):
+    bad = [new(payload={"n": i}) for i in range(COPY_FROM + 10)]
+    bad[-1] = NewItem(queue="q", payload_json="{not json")
+    with pytest.raises(UsageError):
+        store.submit_many(bad)
+    assert store.stats().get("q", {}).get("total", 0) == 0
+    assert store.submit_many([new()])[0] is not None  # the connection is usable afterwards
+
+
+# -- claim plan --------------------------------------------------------------------------------
+
+
+def _claim_plan(url: str, ordered: bool) -> str:
+    with admin(url) as conn:
+        sql = "EXPLAIN " + _CLAIM_SQL.format(ordered=_ORDERED_FILTER if ordered else "")
+        args = dict(owner="w", lease=30.0, token=1, max_attempts=5, queue="q", limit=100)
+        return "\n".join(r[0] for r in conn.execute(sql, args))
+
+
+def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store, pg_url):
+    with admin(pg_url) as conn:
+        conn.execute("ALTER TABLE conveyor_items SET (autovacuum_enabled = false)")
+    try:
+        # A deep history of resolved items the planner has not been told about, then a backlog.
+        for _ in range(3):
+            store.submit_many([new(payload={"n": i}, key=f"k{i % 50}") for i in range(20_000)])
+        with admin(pg_url) as conn:
+            conn.execute("UPDATE conveyor_items SET state = 'resolved', finished_at = now()")
+        store.submit_many([new(payload={"n": i}, key=f"k{i % 50}") for i in range(5_000)])
+        for ordered in (False, True):
+            plan = _claim_plan(pg_url, ordered)
+            assert "conveyor_items_pending" in plan, plan
+            assert "Seq Scan" not in plan, plan
+        items = store.claim(Claim("q", 100, 30.0, 5), "w")
+        assert [i.payload["n"] for i in items] == list(range(100))
+    finally:
+        with admin(pg_url) as conn:
+            conn.execute("ALTER TABLE conveyor_items RESET (autovacuum_enabled)")
+
+
+# -- ordered queues ----------------------------------------------------------------------------
+
+
+def test_ordered_claim_waits_for_the_open_claim_and_then_sees_it(pg_url):
+    """Deterministic version of the race: ids commit out of order, and a second ordered claim
+    starts while the first is still uncommitted. It must wait, then see the first's item running."""
+    s1, s2, c1, c2 = (PostgresStore(pg_url) for _ in range(4))
+    try:
+        s1.migrate()
+        ctx = s1.transaction()
+        ctx.__enter__()
+        (id1,) = s1.submit_many([new(payload=1, key="K")])
+        (id2,) = s2.submit_many([new(payload=2, key="K")])  # committed before id1
+        assert id1 < id2
+        claim = Claim("q", 10, 30.0, 5, ordered=True)
+        ctx1 = c1.transaction()
+        ctx1.__enter__()
+        assert [i.id for i in c1.claim(claim, "c1")] == [id2]
+        ctx.__exit__(None, None, None)  # id1 becomes visible while c1's claim is still open
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(c2.claim(claim, "c2")))
+        t.start()
+        with admin(pg_url) as conn:
+            wait_until(lambda: not t.is_alive() or conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0],
+                what="the second claim to wait on the ordered-claim lock (or to return)")
+        ctx1.__exit__(None, None, None)
+        t.join(10)
+        assert got == [[]], "item 1 of K was claimed while item 2 of K was running"
+        c1.resolve([(id2, c1.get(id2).claim_token)])
+        assert [i.id for i in c2.claim(claim, "c2")] == [id1]
+    finally:
+        for s in (s1, s2, c1, c2):
+            s.close()
+
+
+def test_ordered_claims_from_many_threads_keep_keys_serial_and_in_order(store, pg_url):
+    keys, per_key = 20, 15
+    store.submit_many([new(payload={"k": k, "n": n}, key=f"k{k}") for n in range(per_key) for k in range(keys)])
+    seen: dict[str, list[int]] = {}
+    lock = threading.Lock()
+    overlap: list = []
+    stop = threading.Event()
+
+    def checker() -> None:
+        with admin(pg_url) as conn:
+            while not stop.is_set():
+                rows = conn.execute("SELECT key FROM conveyor_items WHERE state = 'in_progress' "
+                                    "GROUP BY key HAVING count(*) > 1").fetchall()
+                overlap.extend(rows)
+
+    def worker(n: int) -> None:
+        claim = Claim("q", 7, 30.0, 5, ordered=True)
+        idle = 0
+        while idle < 20:
+            items = store.claim(claim, f"w{n}")
+            if not items:
+                idle += 1
+                time.sleep(0.005)
+                continue
+            idle = 0
+            with lock:
+                for it in items:
+                    seen.setdefault(it.key, []).append(it.payload["n"])
+            time.sleep(0.002)
+            assert store.resolve([(it.id, it.claim_token) for it in items]) == []
+        store.disconnect()
+
+    check = threading.Thread(target=checker)
+    check.start()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    check.join()
+    assert overlap == []
+    assert seen == {f"k{k}": list(range(per_key)) for k in range(keys)}
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def _backend_pid(store) -> int:
+    with store.transaction() as conn:
+        return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def test_lost_connection_raises_store_error_then_reconnects(store, pg_url):
+    (item_id,) = store.submit_many([new()])
+    pid = _backend_pid(store)
+    with admin(pg_url) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(StoreError, match="127.0.0.1:5432"):
+        store.get(item_id)
+    assert store.get(item_id).id == item_id
+    assert _backend_pid(store) != pid
+
+    # inside a transaction: the transaction fails as a whole, the next one works
+    pid = _backend_pid(store)
+    with pytest.raises(StoreError):
+        with store.transaction():
+            with admin(pg_url) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            store.claim(Claim("q", 10, 30.0, 5), "w")
+    assert [i.id for i in store.claim(Claim("q", 10, 30.0, 5), "w")] == [item_id]
+
+
+def test_bad_url_or_unreachable_server_is_a_usage_error(pg_url):
+    with pytest.raises(UsageError, match=r"cannot connect to PostgreSQL at 127\.0\.0\.1:1/nowhere"):
+        PostgresStore("postgresql://postgres@127.0.0.1:1/nowhere").migrate()
+    base = pg_url.rpartition("/")[0]
+    with pytest.raises(UsageError, match="no_such_db_for_conveyor"):
+        conveyor.App(f"{base}/no_such_db_for_conveyor").stats()
+    with pytest.raises(UsageError, match="malformed"):
+        PostgresStore("postgresql://[bad")
+    with pytest.raises(UsageError, match="sslmode"):
+        PostgresStore(f"{pg_url}?sslmode=bogus").migrate()
+
+
+def test_forked_child_leaves_the_parents_connection_alone(store):
+    pid = _backend_pid(store)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            import gc
+
+            store.submit_many([new(payload="from child")])
+            gc.collect()
+            store.close()
+            gc.collect()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _backend_pid(store) == pid  # same connection, still alive
+    assert store.stats()["q"]["pending"] == 1
+
+
+def test_wait_for_change_wakes_on_submit_and_on_wake_event(store, pg_url):
+    other = PostgresStore(pg_url)
+    try:
+        store.wait_for_change(0.01)  # subscribe
+        t = threading.Timer(0.2, lambda: other.submit_many([new()]))
+        start = time.monotonic()
+        t.start()
+        assert store.wait_for_change(10) is True
+        assert time.monotonic() - start < 5
+        wake = threading.Event()
+        threading.Timer(0.1, wake.set).start()
+        start = time.monotonic()
+        assert store.wait_for_change(10, wake) is False
+        assert time.monotonic() - start < 2
+        assert store.wait_for_change(0.05) is False  # nothing new
+    finally:
+        other.close()
+
+
+# -- many processes ----------------------------------------------------------------------------
+
+WORKER_SCRIPT = """
+import os, sys, conveyor
+app = conveyor.App(sys.argv[1])
+out = sys.argv[2]
+fds = {{}}
+
+def record(text):
+    fd = fds.get(os.getpid())
+    if fd is None:
+        fd = fds[os.getpid()] = os.open(os.path.join(out, f"handled-{{os.getpid()}}.txt"),
+                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, text.encode())
+
+{processor}
+
+if __name__ == "__main__":
+    app.run_worker(processes=int(sys.argv[3]), stop_when_empty=True)
+"""
+
+
+def run_workers(tmp_path: Path, url: str, processes: int, processor: str, timeout: float = 90) -> subprocess.Popen:
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_SCRIPT.format(processor=textwrap.dedent(processor)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.Popen([sys.executable, str(script), url, str(tmp_path), str(processes)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def handled(tmp_path: Path) -> list[int]:
+    ids: list[int] = []
+    for f in tmp_path.glob("handled-*.txt"):
+        ids += [int(x) for x in f.read_text().split()]
+    return ids
+
+
+@pytest.mark.slow
+def test_four_processes_drain_20000_items_each_handled_once(pg_url, tmp_path):
+    n = 20_000
+    app = conveyor.App(pg_url)
+    app.submit_many("orders", [{"n": i} for i in range(n)])
+    app.close()
+    start = time.monotonic()
+    proc = run_workers(tmp_path, pg_url, 4, """
+        @app.processor("orders", concurrency=8, batch_size=100)
+        def handle(item):
+            record(f"{item.id}\\n")
+    """)
+    out, _ = proc.communicate(timeout=90)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, out
+    ids = handled(tmp_path)
+    assert len(ids) == n and len(set(ids)) == n, f"{len(ids)} runs of {len(set(ids))} distinct items"
+    assert len(list(tmp_path.glob("handled-*.txt"))) > 1, "only one process did any work"
+    stats = conveyor.App(pg_url).stats()["orders"]
+    assert stats["resolved"] == n and stats["total"] == n
+    print(f"4 processes drained {n} items in {elapsed:.1f}s ({n / elapsed:,.0f} items/s)")
+
+
+def _effects_table(url: str) -> None:
+    with admin(url) as conn:
+        conn.execute("DROP TABLE IF EXISTS effects")
+        conn.execute("CREATE TABLE effects (item_id BIGINT NOT NULL)")  # no unique key: doubles would show
+
+
+TRANSACTIONAL = """
+    @app.processor("pay", concurrency=4, batch_size=50, lease_seconds=2, max_attempts=50,
+                   backoff_base=0.05, backoff_max=0.2, transactional=True)
+    def pay(item, conn):
+        conn.execute("INSERT INTO effects VALUES (%s)", (item.id,))
+        record(f"{item.id}\\n")
+"""
+
+
+def _check_exactly_once(url: str, n: int) -> None:
+    with admin(url) as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM conveyor_items GROUP BY state").fetchall())
+        assert states == {"resolved": n}, states
+        doubles = conn.execute("SELECT item_id, count(*) FROM effects GROUP BY item_id HAVING count(*) <> 1").fetchall()
+        assert doubles == []
+        assert conn.execute("SELECT count(DISTINCT item_id) FROM effects").fetchone()[0] == n
+
+
+def _resolved(conn) -> int:
+    return conn.execute("SELECT count(*) FROM conveyor_items WHERE state = 'resolved'").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_workers_survive_killed_connections_and_resolve_each_item_once(pg_url, tmp_path):
+    n = 3_000
+    _effects_table(pg_url)
+    app = conveyor.App(pg_url)
+    app.submit_many("pay", [{"n": i} for i in range(n)])
+    app.close()
+    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL)
+    kills = 0
+    with admin(pg_url) as conn:
+        db = conn.info.dbname
+        for target in (n // 5, 2 * n // 5, 3 * n // 5):
+            wait_until(lambda: _resolved(conn) >= target or proc.poll() is not None, timeout=30, what=f"{target} resolved")
+            if proc.poll() is not None:
+                break
+            kills += conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = 'conveyor'", (db,)).fetchone()[0]
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert kills >= 3, "the workers finished before their connections could be killed"
+    _check_exactly_once(pg_url, n)
+
+
+def _can_restart_server() -> str | None:
+    if not (os.environ.get("CI") or os.environ.get("CONVEYOR_TEST_PG_RESTART")):
+        return ("restarts the shared PostgreSQL server, disturbing anything else using it: "
+                "run with CONVEYOR_TEST_PG_RESTART=1 (always runs in CI)")
+    if os.geteuid() != 0 or not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"):
+        return "needs root and pg_ctlcluster to restart the server"
+    return None
+
+
+@pytest.mark.slow
+def test_workers_survive_a_server_restart(pg_url, tmp_path):
+    problem = _can_restart_server()
+    if problem:
+        pytest.skip(problem)
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    n = 3_000
+    _effects_table(pg_url)
+    app = conveyor.App(pg_url)
+    app.submit_many("pay", [{"n": i} for i in range(n)])
+    app.close()
+    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL)
+    with admin(pg_url) as conn:
+        wait_until(lambda: _resolved(conn) >= n // 4 or proc.poll() is not None, timeout=30, what="a quarter resolved")
+    restarted = proc.poll() is None
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True, timeout=60)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert restarted, "the workers finished before the server restart"
+    _check_exactly_once(pg_url, n)

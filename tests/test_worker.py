@@ -1,0 +1,709 @@
+"""The worker, in process: handlers run once, retry, dead-letter, keep order, respect concurrency,
+commit transactional effects with the resolution, keep leases alive, stop gracefully, wake fast.
+
+Workers run in a thread of the test process and are waited on (never a fixed long sleep); handlers
+report through events and lists guarded by locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+import uuid
+
+import pytest
+
+import conveyor
+from conveyor import Fail, Retry, State
+from conveyor.worker import Worker
+
+FAST = {"backoff_base": 0.05, "backoff_max": 0.2}
+
+
+class WorkerThread:
+    """A Worker running in a thread; `join` returns its counts or re-raises what it raised."""
+
+    def __init__(self, app, queues=None, **kw):
+        self.worker = Worker(app, queues, **kw)
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="test-worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.result = self.worker.run(install_signal_handlers=False)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in join
+            self.error = exc
+
+    def start(self) -> "WorkerThread":
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 30.0) -> dict:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.worker.stop(force=True)
+            self.thread.join(5)
+            raise AssertionError(f"worker still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        self.worker.stop()
+        return self.join(timeout)
+
+
+def drain(app, queues=None, timeout: float = 30.0, **kw) -> dict:
+    """Run a worker until the queues are empty; return its counts."""
+    return WorkerThread(app, queues, stop_when_empty=True, **kw).start().join(timeout)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+    return value
+
+
+class Peak:
+    """Counts handlers running at once and remembers the most seen."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = 0
+        self.max = 0
+
+    def __enter__(self):
+        with self.lock:
+            self.now += 1
+            self.max = max(self.max, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+
+
+# -- the basics -------------------------------------------------------------------------------
+
+def test_every_item_is_handled_exactly_once(app):
+    seen = collections.Counter()
+    lock = threading.Lock()
+
+    @app.processor("orders", batch_size=25, concurrency=4)
+    def handle(item):
+        assert item.attempts == 1 and item.state == State.IN_PROGRESS and item.queue == "orders"
+        with lock:
+            seen[item.payload["i"]] += 1
+
+    app.submit_many("orders", [{"i": i} for i in range(300)])
+    counts = drain(app)
+    assert seen == collections.Counter(range(300))
+    assert counts["resolved"] == 300 and counts["claimed"] == 300
+    s = app.stats()["orders"]
+    assert (s["resolved"], s["pending"], s["in_progress"], s["dead"]) == (300, 0, 0, 0)
+
+
+def test_worker_serves_several_queues(app):
+    seen = {"a": [], "b": []}
+
+    @app.processor("a")
+    def handle_a(item):
+        seen["a"].append(item.payload)
+
+    @app.processor("b")
+    def handle_b(item):
+        seen["b"].append(item.payload)
+
+    app.submit_many("a", list(range(10)))
+    app.submit_many("b", list(range(5)))
+    drain(app)
+    assert sorted(seen["a"]) == list(range(10)) and sorted(seen["b"]) == list(range(5))
+
+
+def test_worker_only_runs_the_queues_asked_for(app):
+    @app.processor("a")
+    def handle_a(item):
+        pass
+
+    @app.processor("b")
+    def handle_b(item):
+        raise AssertionError("queue b was not asked for")
+
+    app.submit_many("a", [1, 2])
+    app.submit_many("b", [1])
+    drain(app, ["a"])
+    assert app.stats()["a"]["resolved"] == 2
+    assert app.stats()["b"]["pending"] == 1
+
+
+# -- failures, retries, dead letters ----------------------------------------------------------
+
+def test_raising_handler_is_retried_with_backoff_and_resolved_later(app):
+    calls: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
+
+    @app.processor("q", max_attempts=5, **FAST)
+    def handle(item):
+        calls[item.id].append((item.attempts, time.monotonic()))
+        if item.attempts < 3:
+            raise RuntimeError(f"flaky on attempt {item.attempts}")
+
+    ids = [app.submit("q", i) for i in range(5)]
+    counts = drain(app)
+    for i in ids:
+        assert [a for a, _ in calls[i]] == [1, 2, 3]
+        times = [t for _, t in calls[i]]
+        # backoff after attempt 1 is at least base/2, after attempt 2 at least base
+        assert times[1] - times[0] >= 0.02 and times[2] - times[1] >= 0.045
+        item = app.get(i)
+        assert item.state == State.RESOLVED and item.attempts == 3
+        assert "RuntimeError: flaky on attempt 2" in item.last_error
+    assert counts["retried"] == 10 and counts["resolved"] == 5
+
+
+def test_dead_after_max_attempts_with_the_traceback_kept(app):
+    calls = collections.Counter()
+
+    @app.processor("q", max_attempts=3, **FAST)
+    def handle(item):
+        calls[item.id] += 1
+        raise ValueError(f"boom on {item.id}")
+
+    a = app.submit("q", {"x": 1})
+    drain(app)
+    item = app.get(a)
+    assert calls[a] == 3
+    assert item.state == State.DEAD and item.attempts == 3
+    assert "Traceback" in item.last_error
+    assert f"ValueError: boom on {a}" in item.last_error
+    assert "handle" in item.last_error  # the frame of the handler is in it
+    assert app.stats()["q"]["dead"] == 1
+
+
+def test_retry_signal_sets_the_delay(app):
+    starts: list[float] = []
+
+    @app.processor("q", max_attempts=2, backoff_base=60)  # the backoff would be far longer
+    def handle(item):
+        starts.append(time.monotonic())
+        if item.attempts == 1:
+            raise Retry(delay=0.3, reason="not yet")
+
+    a = app.submit("q", 1)
+    drain(app, timeout=20)
+    assert len(starts) == 2
+    assert starts[1] - starts[0] >= 0.25
+    assert starts[1] - starts[0] < 10  # Retry's delay, not the 60 s backoff
+    item = app.get(a)
+    assert item.state == State.RESOLVED and item.attempts == 2
+    assert "not yet" in item.last_error
+
+
+def test_retry_signal_spends_attempts(app):
+    calls = []
+
+    @app.processor("q", max_attempts=2)
+    def handle(item):
+        calls.append(item.attempts)
+        raise Retry(delay=0)
+
+    a = app.submit("q", 1)
+    drain(app)
+    assert calls == [1, 2]
+    assert app.get(a).state == State.DEAD
+
+
+def test_fail_signal_dead_letters_at_once(app):
+    calls = []
+
+    @app.processor("q", max_attempts=5)
+    def handle(item):
+        calls.append(item.id)
+        raise Fail("customer does not exist")
+
+    a = app.submit("q", 1)
+    drain(app)
+    item = app.get(a)
+    assert calls == [a]
+    assert item.state == State.DEAD and item.attempts == 1
+    assert "customer does not exist" in item.last_error
+
+
+def test_a_handlers_exception_never_stops_the_worker(app):
+    class Weird(BaseException):
+        pass
+
+    errors = [RuntimeError("plain"), SystemExit(3), Weird("odd"), ZeroDivisionError("math")]
+    handled = []
+
+    @app.processor("q", max_attempts=1, concurrency=2)
+    def handle(item):
+        n = item.payload
+        if n % 2:
+            raise errors[(n // 2) % len(errors)]
+        handled.append(n)
+
+    app.submit_many("q", list(range(20)))
+    drain(app)
+    assert sorted(handled) == list(range(0, 20, 2))
+    s = app.stats()["q"]
+    assert s["resolved"] == 10 and s["dead"] == 10
+
+
+# -- async handlers ---------------------------------------------------------------------------
+
+def test_async_handlers_run_concurrently_and_resolve(app):
+    peak = Peak()
+    seen = collections.Counter()
+
+    @app.processor("q", concurrency=5)
+    async def handle(item):
+        with peak:
+            await asyncio.sleep(0.03)
+        seen[item.payload] += 1
+
+    app.submit_many("q", list(range(30)))
+    drain(app)
+    assert seen == collections.Counter(range(30))
+    assert peak.max == 5
+    assert app.stats()["q"]["resolved"] == 30
+
+
+def test_async_handler_failures_retry_and_dead_letter(app):
+    calls = collections.Counter()
+
+    @app.processor("q", max_attempts=2, **FAST)
+    async def handle(item):
+        calls[item.payload] += 1
+        await asyncio.sleep(0)
+        if item.payload == "always":
+            raise RuntimeError("async boom")
+        if item.attempts == 1:
+            raise Retry(delay=0)
+
+    a = app.submit("q", "always")
+    b = app.submit("q", "once")
+    drain(app)
+    assert calls == {"always": 2, "once": 2}
+    assert app.get(a).state == State.DEAD and "async boom" in app.get(a).last_error
+    assert app.get(b).state == State.RESOLVED
+
+
+# -- batch handlers ---------------------------------------------------------------------------
+
+def test_batch_handler_receives_lists(app):
+    batches: list[list[int]] = []
+
+    @app.processor("q", batch=True, batch_size=10, concurrency=2)
+    def handle(items):
+        assert isinstance(items, list)
+        batches.append([it.payload for it in items])
+
+    app.submit_many("q", list(range(35)))
+    drain(app)
+    assert all(1 <= len(b) <= 10 for b in batches)
+    assert sorted(p for b in batches for p in b) == list(range(35))
+    assert app.stats()["q"]["resolved"] == 35
+
+
+def test_raising_batch_handler_retries_the_whole_batch(app):
+    failed: list[int] = []
+    lock = threading.Lock()
+
+    @app.processor("q", batch=True, batch_size=5, concurrency=1, **FAST)
+    def handle(items):
+        with lock:
+            if not failed:
+                failed.extend(it.id for it in items)
+                raise RuntimeError("the whole batch failed")
+
+    ids = [app.submit("q", i) for i in range(12)]
+    drain(app)
+    assert len(failed) == 5
+    for i in ids:
+        item = app.get(i)
+        assert item.state == State.RESOLVED
+        assert item.attempts == (2 if i in failed else 1)
+
+
+def test_async_batch_handler(app):
+    batches = []
+
+    @app.processor("q", batch=True, batch_size=4)
+    async def handle(items):
+        await asyncio.sleep(0)
+        batches.append(len(items))
+
+    app.submit_many("q", list(range(10)))
+    drain(app)
+    assert sum(batches) == 10 and max(batches) <= 4
+
+
+def test_batch_handler_fail_dead_letters_the_batch(app):
+    @app.processor("q", batch=True, batch_size=10)
+    def handle(items):
+        raise Fail("bad batch")
+
+    ids = [app.submit("q", i) for i in range(3)]
+    drain(app)
+    assert all(app.get(i).state == State.DEAD for i in ids)
+
+
+# -- ordered queues ---------------------------------------------------------------------------
+
+def test_ordered_keeps_per_key_order_and_never_overlaps_a_key(app):
+    lock = threading.Lock()
+    running: set[str] = set()
+    overlaps: list[str] = []
+    done: dict[str | None, list[int]] = collections.defaultdict(list)
+    peak = Peak()
+
+    @app.processor("ledger", ordered=True, concurrency=4, batch_size=10, **FAST)
+    def handle(item):
+        key, seq = item.payload["key"], item.payload["seq"]
+        with peak:
+            if key is not None:
+                with lock:
+                    if key in running:
+                        overlaps.append(key)
+                    running.add(key)
+            try:
+                time.sleep(0.002)
+                if seq % 5 == 2 and item.attempts == 1:
+                    raise RuntimeError("fail once: later items of the key must wait for the retry")
+                with lock:
+                    done[key].append(seq)
+            finally:
+                if key is not None:
+                    with lock:
+                        running.discard(key)
+
+    keys = ["k0", "k1", "k2", "k3", "k4", None]
+    payloads = [{"key": k, "seq": s} for s in range(12) for k in keys]
+    app.submit_many("ledger", payloads, key=lambda p: p["key"])
+    drain(app, timeout=60)
+    assert overlaps == []
+    for k in keys[:-1]:
+        assert done[k] == list(range(12)), (k, done[k])
+    assert sorted(done[None]) == list(range(12))
+    assert peak.max > 1  # different keys did run in parallel
+    assert app.stats()["ledger"]["resolved"] == len(payloads)
+
+
+def test_ordered_slow_key_does_not_hold_up_other_keys(app):
+    slow_started = threading.Event()
+    slow_release = threading.Event()
+
+    @app.processor("ledger", ordered=True, concurrency=4, lease_seconds=30)
+    def handle(item):
+        if item.key == "slow":
+            slow_started.set()
+            assert slow_release.wait(20)
+
+    app.submit("ledger", "slow", key="slow")
+    fast = [app.submit("ledger", i, key="fast") for i in range(5)]
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        assert slow_started.wait(10)
+        # the fast key's items follow each other while the slow key's item is still running
+        wait_until(lambda: all(app.get(i).state == State.RESOLVED for i in fast), timeout=3,
+                   what="the other key's items to be handled while one key is busy")
+    finally:
+        slow_release.set()
+        w.join()
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_concurrency_is_respected(app, concurrency):
+    peak = Peak()
+
+    @app.processor("q", concurrency=concurrency, batch_size=50)
+    def handle(item):
+        with peak:
+            time.sleep(0.03)
+
+    app.submit_many("q", list(range(4 * concurrency + 2)))
+    drain(app)
+    assert peak.max == concurrency
+    assert app.stats()["q"]["resolved"] == 4 * concurrency + 2
+
+
+# -- transactional handlers -------------------------------------------------------------------
+
+@pytest.fixture
+def effects(app):
+    """A table of our own on the worker's database, and how to read it."""
+    table = f"effects_{uuid.uuid4().hex[:8]}"
+    ph = "?" if app.url.startswith("sqlite") else "%s"
+    with app.store.transaction() as conn:
+        conn.execute(f"CREATE TABLE {table} (item_id INTEGER PRIMARY KEY, attempt INTEGER NOT NULL)")
+
+    class Effects:
+        name = table
+        insert = f"INSERT INTO {table} (item_id, attempt) VALUES ({ph}, {ph})"
+
+        @staticmethod
+        def rows():
+            with app.store.transaction() as conn:
+                return [tuple(r) for r in conn.execute(f"SELECT item_id, attempt FROM {table} ORDER BY item_id").fetchall()]
+
+    yield Effects
+    with app.store.transaction() as conn:
+        conn.execute(f"DROP TABLE {table}")
+
+
+def test_transactional_writes_commit_with_the_resolution(app, effects):
+    @app.processor("q", transactional=True, concurrency=2)
+    def handle(item, conn):
+        conn.execute(effects.insert, (item.id, item.attempts))
+
+    ids = [app.submit("q", i) for i in range(10)]
+    counts = drain(app)
+    assert effects.rows() == [(i, 1) for i in ids]
+    assert all(app.get(i).state == State.RESOLVED for i in ids)
+    assert counts["resolved"] == 10
+
+
+def test_transactional_writes_roll_back_when_the_handler_raises(app, effects):
+    @app.processor("q", transactional=True, max_attempts=3, **FAST)
+    def handle(item, conn):
+        conn.execute(effects.insert, (item.id, item.attempts))
+        if item.payload == "dead":
+            raise Fail("never mind")
+        if item.attempts == 1:
+            raise RuntimeError("after writing")
+
+    a = app.submit("q", "flaky")
+    b = app.submit("q", "dead")
+    drain(app)
+    assert effects.rows() == [(a, 2)]  # the first attempt's write was rolled back
+    assert app.get(a).state == State.RESOLVED and app.get(a).attempts == 2
+    assert app.get(b).state == State.DEAD
+
+
+def test_transactional_batch_handler(app, effects):
+    @app.processor("q", transactional=True, batch=True, batch_size=4)
+    def handle(items, conn):
+        for it in items:
+            conn.execute(effects.insert, (it.id, it.attempts))
+
+    ids = [app.submit("q", i) for i in range(9)]
+    drain(app)
+    assert effects.rows() == [(i, 1) for i in ids]
+
+
+def test_transactional_writes_roll_back_when_the_lease_is_lost(app, effects):
+    """Item B is cancelled by another transaction (A's) after B was claimed: B's handler still
+    runs, but its resolution is refused and its writes must not survive."""
+    ran_b = threading.Event()
+
+    @app.processor("q", transactional=True, concurrency=1, batch_size=2, lease_seconds=30)
+    def handle(item, conn):
+        conn.execute(effects.insert, (item.id, item.attempts))
+        if item.payload == "A":
+            app.store.cancel(b)  # commits together with A's resolution
+        else:
+            ran_b.set()
+
+    a = app.submit("q", "A")
+    b = app.submit("q", "B")
+    counts = drain(app)
+    assert ran_b.is_set()
+    assert effects.rows() == [(a, 1)]
+    assert app.get(a).state == State.RESOLVED
+    assert app.get(b).state == State.CANCELLED
+    assert counts["lost"] == 1
+
+
+def test_transactional_writes_roll_back_when_cancelled_while_running(app, effects):
+    if app.url.startswith("sqlite"):
+        pytest.skip("on SQLite a transactional handler holds the write lock: no other connection "
+                    "can take its item while it runs (see the test above for a lost lease there)")
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    @app.processor("q", transactional=True, lease_seconds=30)
+    def handle(item, conn):
+        conn.execute(effects.insert, (item.id, item.attempts))
+        started.set()
+        assert cancelled.wait(10)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        assert started.wait(10)
+        app.cancel(a)  # from the test's own connection, while the handler's transaction is open
+    finally:
+        cancelled.set()
+    counts = w.join()
+    assert effects.rows() == []
+    assert app.get(a).state == State.CANCELLED
+    assert counts["lost"] == 1 and counts["resolved"] == 0
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+def test_heartbeats_keep_a_long_handler_leased(app):
+    lease = 0.5
+    calls = []
+
+    @app.processor("q", lease_seconds=lease, max_attempts=3)
+    def handle(item):
+        calls.append(item.attempts)
+        time.sleep(3 * lease)  # the work outlives the lease three times over
+
+    a = app.submit("q", 1)
+    counts = drain(app)
+    item = app.get(a)
+    assert calls == [1]
+    assert item.state == State.RESOLVED and item.attempts == 1 and item.last_error is None
+    assert counts["rescued"] == 0 and counts["lost"] == 0
+
+
+def test_worker_rescues_items_of_a_crashed_worker(app):
+    from conveyor.model import Claim
+
+    handled = []
+
+    @app.processor("q", lease_seconds=0.3)
+    def handle(item):
+        handled.append(item.attempts)
+
+    a = app.submit("q", 1)
+    (claimed,) = app.store.claim(Claim("q", 1, 0.3, 5), "crashed")  # and never heard of again
+    counts = drain(app, timeout=20)
+    assert handled == [2]
+    assert counts["rescued"] == 1
+    assert app.get(a).state == State.RESOLVED
+    assert app.store.resolve([(a, claimed.claim_token)]) == [a]
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+def test_stop_releases_unstarted_items_and_finishes_running_ones(app):
+    started = threading.Event()
+    finish = threading.Event()
+    calls = []
+
+    @app.processor("q", concurrency=1, batch_size=5)
+    def handle(item):
+        calls.append(item.id)
+        started.set()
+        assert finish.wait(20)
+
+    ids = [app.submit("q", i) for i in range(5)]
+    w = WorkerThread(app).start()
+    try:
+        assert started.wait(10)
+        wait_until(lambda: app.stats()["q"]["in_progress"] == 5, what="the batch to be claimed")
+        w.worker.stop()
+        # the four that never started go back at once, while the first one still runs
+        wait_until(lambda: app.stats()["q"]["pending"] == 4, what="unstarted items to be released")
+        assert app.stats()["q"]["in_progress"] == 1
+    finally:
+        finish.set()
+    counts = w.join()
+    first, rest = calls[0], [i for i in ids if i != calls[0]]
+    assert calls == [first]
+    assert app.get(first).state == State.RESOLVED and app.get(first).attempts == 1
+    for i in rest:
+        item = app.get(i)
+        assert item.state == State.PENDING and item.attempts == 0
+    assert counts["released"] == 4 and counts["resolved"] == 1
+
+
+def test_stop_of_an_idle_worker_is_prompt(app):
+    @app.processor("q")
+    def handle(item):
+        pass
+
+    w = WorkerThread(app).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    w.stop(timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_stop_when_empty_waits_for_retries_to_come_due(app):
+    calls = []
+
+    @app.processor("q", **FAST)
+    def handle(item):
+        calls.append(item.attempts)
+        if item.attempts == 1:
+            raise Retry(delay=0.2)
+
+    app.submit("q", 1)
+    drain(app)
+    assert calls == [1, 2]
+
+
+# -- wake-ups ---------------------------------------------------------------------------------
+
+def test_submit_wakes_an_idle_worker_quickly(app):
+    started_at: list[float] = []
+    started = threading.Event()
+
+    @app.processor("q")
+    def handle(item):
+        started_at.append(time.perf_counter())
+        started.set()
+
+    app.migrate()
+    w = WorkerThread(app).start()
+    try:
+        time.sleep(1.0)  # long enough for the idle back-off to reach its longest sleep
+        latencies = []
+        for n in range(2):
+            started.clear()
+            t0 = time.perf_counter()
+            app.submit("q", n)
+            assert started.wait(5)
+            latencies.append(started_at[-1] - t0)
+            time.sleep(0.5)
+    finally:
+        w.stop(timeout=10)
+    assert max(latencies) < 0.1, latencies
+
+
+def test_worker_stops_when_empty_with_nothing_to_do(app):
+    @app.processor("q")
+    def handle(item):
+        raise AssertionError("nothing was submitted")
+
+    counts = drain(app, timeout=10)
+    assert counts["claimed"] == 0
+
+
+def test_run_worker_in_process(app):
+    seen = []
+
+    @app.processor("q")
+    def handle(item):
+        seen.append(item.payload)
+
+    app.submit_many("q", [1, 2, 3])
+    counts = app.run_worker(stop_when_empty=True, install_signal_handlers=False)
+    assert sorted(seen) == [1, 2, 3] and counts["resolved"] == 3
+
+
+def test_items_carry_their_fields_to_the_handler(app):
+    got = []
+
+    @app.processor("q")
+    def handle(item: conveyor.Item):
+        got.append(item)
+
+    a = app.submit("q", {"x": 1}, key="k", dedup_key="d", priority=3)
+    drain(app)
+    (item,) = got
+    assert (item.id, item.queue, item.payload, item.key, item.dedup_key, item.priority, item.attempts) == (
+        a, "q", {"x": 1}, "k", "d", 3, 1)
+    assert item.created_at is not None and item.lease_owner is not None
