@@ -36,6 +36,7 @@ log = logging.getLogger("conveyor.worker")
 FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
 FLUSH_MAX = 1000  # outcomes settled in one statement at most
 IDLE_MAX = 0.5  # longest idle sleep between claims when no wake-up arrives
+POLL_MIN = 0.005  # first re-poll of a queue that came back short, doubling up to IDLE_MAX
 
 
 def worker_name() -> str:
@@ -60,7 +61,10 @@ class Lane:
         self.inflight: dict[int, Item] = {}
         self.lock = threading.Lock()
         self.lost: set[int] = set()
-        self.dry = False  # the last claim came back short: wait for a change before claiming again
+        #: the last claim came back short: claim again on a change, or at poll_at (backing off)
+        self.dry = False
+        self.poll_at = 0.0
+        self.poll_gap = POLL_MIN
         self.handoff = Handoff()
         self.async_q: asyncio.Queue[Any] | None = None
         self.threads: list[threading.Thread] = []
@@ -88,7 +92,10 @@ class Lane:
         with self.lock:
             for it in items:
                 self.inflight[it.id] = it
-        self.dry = len(items) < asked
+        if len(items) < asked:
+            self.mark_dry()
+        else:
+            self.dry, self.poll_gap = False, POLL_MIN
         units: list[Any] = [items] if self.opts.batch else items
         if self.processor.is_async:
             loop, q = self.worker.loop, self.async_q
@@ -96,6 +103,15 @@ class Lane:
             loop.call_soon_threadsafe(_put_all, q, units)
         else:
             self.handoff.put_many(units)
+
+    def mark_dry(self) -> None:
+        self.dry = True
+        self.poll_at = time.monotonic() + self.poll_gap
+        self.poll_gap = min(IDLE_MAX, self.poll_gap * 2)
+
+    def ready(self, now: float) -> bool:
+        """Worth a claim now: not dry, or dry long enough to poll (delayed items come due silently)."""
+        return not self.dry or now >= self.poll_at
 
     def settled(self, ids: Sequence[int]) -> None:
         with self.lock:
@@ -330,6 +346,8 @@ class Worker:
         else:
             self._count("resolved", len(items))
         lane.settled([it.id for it in items])
+        if lane.opts.ordered:
+            lane.dry = False  # the next item of this key may start now
         self.wake.set()
         return _SETTLED
 
@@ -370,7 +388,8 @@ class Worker:
     def _wants(self) -> list[tuple[Lane, int]]:
         if self.stopping:
             return []
-        return [(lane, n) for lane in self.lanes.values() if not lane.dry and (n := lane.wanted())]
+        now = time.monotonic()
+        return [(lane, n) for lane in self.lanes.values() if lane.ready(now) and (n := lane.wanted())]
 
     def _cycle(self, out: Outcomes) -> list[tuple[Lane, int, list[Item]]]:
         """Settle outcomes, then claim what the freed capacity allows, in one transaction."""
@@ -422,7 +441,6 @@ class Worker:
 
     def _loop(self) -> None:
         deadline: float | None = None
-        idle = 0.001
         trouble = 0  # consecutive database failures
         while True:
             if self.stopping and deadline is None:
@@ -433,7 +451,7 @@ class Worker:
                         if back:
                             self.record_release(back)
             try:
-                outcome = self._step(deadline, idle)
+                outcome = self._step(deadline)
                 trouble = 0
             except Exception as exc:  # the database hiccuped: nothing is lost, the step is redone
                 trouble += 1
@@ -448,9 +466,8 @@ class Worker:
                 continue
             if outcome == "stop":
                 return
-            idle = 0.001 if outcome == "busy" else min(IDLE_MAX, idle * 2) if outcome == "idle" else idle
 
-    def _step(self, deadline: float | None, idle: float) -> str:
+    def _step(self, deadline: float | None) -> str:
         """One cycle of the loop: settle, claim, dispatch, then wait. Says 'stop', 'busy' (claimed
         something), 'idle' (nothing in flight) or 'waiting'."""
         out = self._take_outcomes()
@@ -467,7 +484,7 @@ class Worker:
                     self._count("claimed", len(items))
                     lane.accept(items, asked)
                 else:
-                    lane.dry = True
+                    lane.mark_dry()
         inflight = self._inflight_total()
         self._flush_at = max(1, min(FLUSH_MAX, inflight))
         if self.stopping:
@@ -484,7 +501,7 @@ class Worker:
             return "stop"
         if claimed_any:
             return "busy"
-        self._wait(inflight, idle)
+        self._wait()
         return "idle" if inflight == 0 else "waiting"
 
     def _restore_outcomes(self, out: Outcomes) -> None:
@@ -496,7 +513,7 @@ class Worker:
             self._out = out
             self._out_first = time.monotonic()
 
-    def _wait(self, inflight: int, idle: float) -> None:
+    def _wait(self) -> None:
         """Sleep until something is worth a cycle: enough outcomes, a wake-up, or new data."""
         with self._out_lock:
             pending = len(self._out)
@@ -510,14 +527,12 @@ class Worker:
             return
         hungry = [lane for lane in self.lanes.values() if lane.dry and lane.wanted()]
         if hungry and not self.stopping:
-            changed = self.app.store.wait_for_change(idle, self._wakeups())
+            timeout = min(IDLE_MAX, max(0.0, min(lane.poll_at for lane in hungry) - time.monotonic()))
+            changed = self.app.store.wait_for_change(timeout, self._wakeups())
             if changed or self.app.wakeup.is_set():
                 self.app.wakeup.clear()
                 for lane in hungry:
                     lane.dry = False
-            elif inflight == 0:
-                for lane in hungry:
-                    lane.dry = False  # poll again now and then: delayed items come due without a change
         else:
             self.wake.wait(IDLE_MAX)
         self.wake.clear()
