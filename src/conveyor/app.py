@@ -181,15 +181,21 @@ class App:
         dedup_key: str | None = None,
         run_at: dt.datetime | dt.timedelta | float | None = None,
         priority: int = 0,
+        conn: Any = None,
     ) -> int:
         """Store one item; returns its id. With a dedup_key already stored in this queue, nothing new
-        is stored and the existing item's id is returned."""
+        is stored and the existing item's id is returned.
+
+        conn: your own open connection to the same database (sqlite3.Connection or
+        psycopg.Connection); the item is inserted inside your transaction and exists if and only if
+        you commit it."""
         item = self._new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {queue!r}")
-        (item_id,) = self.store.submit_many([item])
+        (item_id,) = self.store.submit_many([item]) if conn is None else self.store.submit_many([item], conn=conn)
         self.wakeup.set()
         if item_id is None:
             assert item.dedup_key is not None
-            existing = self.store.find_dedup(item.queue, item.dedup_key)
+            existing = (self.store.find_dedup(item.queue, item.dedup_key) if conn is None
+                        else self.store.find_dedup(item.queue, item.dedup_key, conn=conn))
             assert existing is not None
             return existing
         return item_id
@@ -203,10 +209,11 @@ class App:
         dedup_key: KeySpec = None,
         run_at: dt.datetime | dt.timedelta | float | None = None,
         priority: int = 0,
+        conn: Any = None,
     ) -> int:
         """Store many items in one transaction, all or nothing; returns how many were stored (items
         whose dedup_key is already stored are skipped). `key` and `dedup_key` may be a string or a
-        function of the payload."""
+        function of the payload. With `conn`, inside your own transaction (see submit)."""
         check_queue_name(queue)
         where = f"submit_many to {queue!r}"
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -226,15 +233,19 @@ class App:
                         _pick(dedup_key, p, "dedup_key", f"{where}, item {n}"), when, priority)
                 for n, p in enumerate(payloads)
             ]
-        return self.submit_items(items)
+        return self.submit_items(items, conn=conn)
 
     def submit_items(self, items: Sequence[NewItem], *, chunk: int | None = None,
-                     progress: Callable[[int], Any] | None = None) -> int:
+                     progress: Callable[[int], Any] | None = None, conn: Any = None) -> int:
         """Store already validated items in one transaction (all or nothing), `chunk` at a time,
         calling `progress(n)` after each chunk; returns how many were stored."""
         if not items:
             return 0
         store = self.store
+        if conn is not None:
+            stored = sum(1 for i in store.submit_many(items, conn=conn) if i is not None)
+            self.wakeup.set()
+            return stored
         step = chunk or len(items)
         stored = 0
         with store.transaction():

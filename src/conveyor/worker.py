@@ -197,17 +197,20 @@ class Lane:
 
 class Handoff:
     """Work for handler threads: many units put with one wake-up, taken one at a time, so a slow
-    item never holds up others while a thread is free."""
+    item never holds up others while a thread is free. A woken thread wakes the next idle one only
+    while work is left over, so quick handlers don't pay for waking threads they don't need."""
 
     def __init__(self) -> None:
         self._units: collections.deque[Any] = collections.deque()
         self._cv = threading.Condition(threading.Lock())
+        self._idle = 0
         self._closed = False
 
     def put_many(self, units: list[Any]) -> None:
         with self._cv:
             self._units.extend(units)
-            self._cv.notify(len(units))
+            if self._idle:
+                self._cv.notify(1)
 
     def get(self) -> Any:
         """The next unit, or None once closed and empty."""
@@ -215,8 +218,13 @@ class Handoff:
             while not self._units:
                 if self._closed:
                     return None
+                self._idle += 1
                 self._cv.wait()
-            return self._units.popleft()
+                self._idle -= 1
+            unit = self._units.popleft()
+            if self._units and self._idle:
+                self._cv.notify(1)
+            return unit
 
     def drain(self) -> list[Any]:
         with self._cv:

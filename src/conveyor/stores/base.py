@@ -26,12 +26,16 @@ class Store(Protocol):
         """Apply the numbered migrations not applied yet; return the versions applied now."""
 
     # -- step 0: submit -----------------------------------------------------------------------
-    def submit_many(self, items: Sequence[NewItem]) -> list[int | None]:
+    def submit_many(self, items: Sequence[NewItem], conn: Any = None) -> list[int | None]:
         """Store all items in one transaction. Returns, per item, its new id, or None where an
-        item with the same (queue, dedup_key) already exists and this one was skipped."""
+        item with the same (queue, dedup_key) already exists and this one was skipped.
 
-    def find_dedup(self, queue: str, dedup_key: str) -> int | None:
-        """The id of the item stored under this dedup key, if any."""
+        With `conn` (the driver's connection of the caller, on the same database, inside the
+        caller's open transaction) the items are inserted there and nothing is committed: they
+        exist if and only if the caller commits."""
+
+    def find_dedup(self, queue: str, dedup_key: str, conn: Any = None) -> int | None:
+        """The id of the item stored under this dedup key, if any (seen from `conn` if given)."""
 
     # -- steps 1+2: claim -----------------------------------------------------------------------
     def claim(self, claim: Claim, owner: str) -> list[Item]:

@@ -7,6 +7,8 @@ import json
 import secrets
 from typing import Any, Iterable, Sequence
 
+import orjson
+
 from ..model import STATES, Item, State
 
 UTC = dt.timezone.utc
@@ -68,7 +70,7 @@ ITEM_COLUMNS = (
 
 
 _STATE = {s.value: s for s in State}
-_loads = json.loads
+_loads = orjson.loads
 _from_ts = dt.datetime.fromtimestamp
 
 

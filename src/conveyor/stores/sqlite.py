@@ -10,13 +10,14 @@ the database's clock for an embedded file.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
 import time
 from typing import Any, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
+
+import orjson
 
 from ..errors import ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, NewItem
@@ -276,6 +277,9 @@ class SQLiteStore:
 
     def _migrate(self, conn: sqlite3.Connection) -> list[int]:
         applied_now: list[int] = []
+        if self._schema_current(conn):
+            self._migrated = True  # checked without the write lock: a caller may hold it (submit with conn=)
+            return applied_now
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(
@@ -300,14 +304,44 @@ class SQLiteStore:
         self._migrated = True
         return applied_now
 
+    @staticmethod
+    def _schema_current(conn: sqlite3.Connection) -> bool:
+        try:
+            row = conn.execute("SELECT max(version) FROM conveyor_migrations").fetchone()
+        except sqlite3.OperationalError:  # no migrations table yet
+            return False
+        return row[0] is not None and row[0] >= MIGRATIONS[-1][0]
+
+    def _callers(self, conn: Any) -> sqlite3.Connection:
+        """Check that a caller's connection is sqlite3 and open on this store's file."""
+        if not isinstance(conn, sqlite3.Connection):
+            raise UsageError(f"conn must be a sqlite3.Connection to {self.path!r}, not {type(conn).__name__}")
+        try:
+            files = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
+        except sqlite3.ProgrammingError as exc:
+            raise UsageError(f"conn is not usable: {exc}") from None
+        if not files or os.path.realpath(files[0]) != os.path.realpath(self.path):
+            raise UsageError(f"conn is open on {files[0] if files else 'no file'!r}, not on this store's {self.path!r}")
+        self._conn()  # make sure the schema exists (checked without taking the write lock)
+        return conn
+
     # -- submit ---------------------------------------------------------------------------------
-    def submit_many(self, items: Sequence[NewItem]) -> list[int | None]:
+    def submit_many(self, items: Sequence[NewItem], conn: Any = None) -> list[int | None]:
         now = time.time()
         rows = [(it.queue, it.payload_json, it.key, it.dedup_key, it.priority,
                  now if it.run_at is None else it.run_at, now, now) for it in items]
+        if conn is not None and conn is not getattr(self._local, "conn", None):
+            # The caller's own connection and transaction: insert there, commit nothing. The items
+            # exist if and only if the caller commits.
+            cur = self._callers(conn).cursor()
+            ids: list[int | None] = []
+            for row in rows:
+                cur.execute(_INSERT_SQL, row)
+                ids.append(cur.lastrowid if cur.rowcount == 1 else None)
+            return ids
         with self.transaction() as conn:
             if any(it.dedup_key is not None for it in items):
-                ids: list[int | None] = []
+                ids = []
                 cur = conn.cursor()
                 for row in rows:
                     cur.execute(_INSERT_SQL, row)
@@ -320,8 +354,8 @@ class SQLiteStore:
         first = (before[0] if before else 0) + 1
         return list(range(first, first + len(rows)))
 
-    def find_dedup(self, queue: str, dedup_key: str) -> int | None:
-        row = self._conn().execute(
+    def find_dedup(self, queue: str, dedup_key: str, conn: Any = None) -> int | None:
+        row = (self._conn() if conn is None else self._callers(conn)).execute(
             "SELECT id FROM conveyor_items WHERE queue = ? AND dedup_key = ?", (queue, dedup_key)
         ).fetchone()
         return row[0] if row else None
@@ -342,7 +376,7 @@ class SQLiteStore:
     def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float) -> list[int]:
         if not entries:
             return []
-        batch = json.dumps(entries)
+        batch = orjson.dumps(entries).decode()
         with self.transaction() as conn:
             accepted = [r[0] for r in conn.execute(sql, (batch, when))]
         return refused(entries, accepted)
