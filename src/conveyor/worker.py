@@ -60,7 +60,8 @@ class Lane:
         self.capacity = (c + 1) * b if self.opts.batch else c + b
         self.inflight: dict[int, Item] = {}
         self.lock = threading.Lock()
-        self.lost: set[int] = set()
+        #: (id, token) of claims whose lease the heartbeat found lost: not worth starting
+        self.lost: set[tuple[int, int]] = set()
         #: the last claim came back short: claim again on a change, or at poll_at (backing off)
         self.dry = False
         self.poll_at = 0.0
@@ -113,11 +114,20 @@ class Lane:
         """Worth a claim now: not dry, or dry long enough to poll (delayed items come due silently)."""
         return not self.dry or now >= self.poll_at
 
-    def settled(self, ids: Sequence[int]) -> None:
+    def settled(self, claims: Sequence[Sequence[Any]]) -> int:
+        """Forget settled claims, each given as (id, token, ...). Matching the token too matters: a
+        rescued item may be claimed again by this same worker while its old run still finishes.
+        Returns how many were held."""
+        held = 0
         with self.lock:
-            for i in ids:
-                self.inflight.pop(i, None)
-                self.lost.discard(i)
+            for entry in claims:
+                i, token = entry[0], entry[1]
+                it = self.inflight.get(i)
+                if it is not None and it.claim_token == token:
+                    del self.inflight[i]
+                    held += 1
+                self.lost.discard((i, token))
+        return held
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +148,7 @@ class Lane:
             if unit is None:
                 break
             items = unit if isinstance(unit, list) else [unit]
-            if self.worker.stopping or all(it.id in self.lost for it in items):
+            if self.worker.stopping or all((it.id, it.claim_token) in self.lost for it in items):
                 self.worker.record_release(items)
                 continue
             with self.lock:
@@ -353,7 +363,7 @@ class Worker:
             return exc
         else:
             self._count("resolved", len(items))
-        lane.settled([it.id for it in items])
+        lane.settled([(it.id, it.claim_token) for it in items])
         if lane.opts.ordered:
             lane.dry = False  # the next item of this key may start now
         self.wake.set()
@@ -409,13 +419,10 @@ class Worker:
             lost += store.fail(out.failed) if out.failed else []
             lost += store.release(out.released) if out.released else []
             if out:
-                settled_ids = [e[0] for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+                settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
                 for lane in self.lanes.values():
-                    if lane.inflight:
-                        before = len(lane.inflight)
-                        lane.settled(settled_ids)
-                        if lane.opts.ordered and len(lane.inflight) < before:
-                            lane.dry = False  # settling may unblock the next item of a key: claim again
+                    if lane.inflight and lane.settled(settled) and lane.opts.ordered:
+                        lane.dry = False  # settling may unblock the next item of a key: claim again
             for lane, n in self._wants():
                 claim = lane.claim if n == lane.claim.limit else Claim(
                     lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
@@ -624,11 +631,13 @@ class Worker:
                             if refused:
                                 # an item settled meanwhile (a transactional commit, say) was refused
                                 # for being done, not lost: only what we still hold counts
+                                asked = dict(tokens)
                                 with lane.lock:
-                                    lost = [i for i in refused if i in lane.inflight]
+                                    lost = [(i, asked[i]) for i in refused
+                                            if i in lane.inflight and lane.inflight[i].claim_token == asked[i]]
                                     lane.lost.update(lost)
                                 if lost:
-                                    log.warning("heartbeat: lease lost on item(s) %s", lost[:20])
+                                    log.warning("heartbeat: lease lost on item(s) %s", [i for i, _ in lost][:20])
                 if now >= next_rescue:
                     next_rescue = now + self.rescue_interval
                     rescued = store.rescue_expired()
