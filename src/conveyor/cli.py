@@ -238,7 +238,7 @@ def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ..
     if as_json:
         click.echo(json.dumps(app.stats(list(queues) or None), indent=2))
         return
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     if not watch:
         console.print(status_table(app.stats(list(queues) or None), app.url))
         return
