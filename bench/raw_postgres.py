@@ -3,7 +3,12 @@ through a partial index on pending items) and a batched, token-fenced resolve, d
 through psycopg by P processes with no conveyor layer.
 
 Each process loops one transaction that resolves the batch it claimed last time and claims the
-next: the shape of conveyor's worker cycle, minus everything around it.
+next: the shape of conveyor's worker cycle, minus everything around it. Two shapes (--cycle):
+  statement    (default) the store's one-statement cycle (PostgresStore.settle_and_claim's SQL: the
+               resolve and the claim as data-modifying CTEs, autocommit): one round trip per cycle
+  transaction  BEGIN; the store's resolve; the store's claim; COMMIT: four round trips per cycle
+Both run the store's own statements, on connections set up like the store's (UTC, JIT off), batch
+100 by default; `raw_cycle` is recorded with each result.
 
 The statements (schema, insert, claim, resolve) are imported from conveyor.stores.postgres, as
 raw_sqlite imports SQLite's, so the reference never drifts from the store. If that module cannot be
@@ -83,12 +88,13 @@ try:
     from conveyor.stores import postgres as _store
 
     SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
-    CLAIM_SQL = _store._CLAIM_SQL.format(ordered="")
+    CLAIM_SQL = _store._CLAIM_SQL
     RESOLVE_SQL = _store._RESOLVE_SQL
     INSERT_SQL = _store._INSERT_SQL
+    CYCLE_SQL = _store._cycle_sql(("resolve",), 1)
     SQL_SOURCE = "conveyor.stores.postgres"
 except (ImportError, AttributeError):
-    pass
+    CYCLE_SQL = None
 
 LEASE_SECONDS = 30.0
 MAX_ATTEMPTS = 5
@@ -113,27 +119,34 @@ def create(url: str, n: int) -> float:
     return seconds
 
 
-def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]") -> None:
+def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]", cycle: str = "statement") -> None:
     """One process: resolve what it holds and claim the next batch, in one transaction, until a
     claim comes back empty. Reports how many items it resolved."""
     owner = f"raw:{os.getpid()}"
     ids: list[int] = []
     tokens: list[int] = []
-    none: list[None] = []
     resolved = 0
-    with psycopg.connect(url) as conn:
+    claim = {"owner": owner, "lease": LEASE_SECONDS, "max_attempts": MAX_ATTEMPTS, "queue": QUEUE, "limit": batch_size}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET TimeZone TO 'UTC'")
+        conn.execute("SET jit = off")
         while True:
-            with conn.transaction():
-                if ids:
-                    resolved += len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": none, "b3": none}).fetchall())
-                rows = conn.execute(CLAIM_SQL, {
-                    "owner": owner, "lease": LEASE_SECONDS, "token": secrets.randbits(63),
-                    "max_attempts": MAX_ATTEMPTS, "queue": QUEUE, "limit": batch_size,
-                }).fetchall()
+            if cycle == "statement" and CYCLE_SQL is not None:
+                rows = conn.execute(CYCLE_SQL, {
+                    "owner": owner, "ids_resolve": "{" + ",".join(map(str, ids)) + "}",
+                    "toks_resolve": "{" + ",".join(map(str, tokens)) + "}", "lease_0": LEASE_SECONDS,
+                    "token_0": secrets.randbits(63), "max_attempts_0": MAX_ATTEMPTS, "queue_0": QUEUE,
+                    "limit_0": batch_size}).fetchall()
+                resolved += sum(1 for r in rows if r[0] < 0)
+                rows = [r[1:] for r in rows if r[0] >= 0]
+            else:
+                with conn.transaction():
+                    if ids:
+                        resolved += len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": None, "b3": None}).fetchall())
+                    rows = conn.execute(CLAIM_SQL, dict(claim, token=secrets.randbits(63))).fetchall()
             if not rows:
                 break
             ids = [r[0] for r in rows]
-            none = [None] * len(ids)
             tokens = [r[15] for r in rows]  # ITEM_COLUMNS ends with claim_token
     out.put(resolved)
 
@@ -143,13 +156,13 @@ def counts(url: str) -> dict[str, int]:
         return dict(conn.execute("SELECT state, count(*) FROM conveyor_items GROUP BY state").fetchall())
 
 
-def drain(url: str, processes: int, batch_size: int) -> tuple[float, float]:
+def drain(url: str, processes: int, batch_size: int, cycle: str = "statement") -> tuple[float, float]:
     """Run the loop in `processes` forked processes: (seconds from the first fork to the last exit,
     CPU seconds they used)."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     c0, t0 = cpu_seconds(), time.perf_counter()
-    procs = [ctx.Process(target=loop, args=(url, batch_size, out)) for _ in range(processes)]
+    procs = [ctx.Process(target=loop, args=(url, batch_size, out, cycle)) for _ in range(processes)]
     for p in procs:
         p.start()
     for _ in procs:
@@ -163,18 +176,18 @@ def drain(url: str, processes: int, batch_size: int) -> tuple[float, float]:
     return seconds, cpu
 
 
-def run(n: int, processes: int, batch_size: int, admin_url: str = PG_ADMIN_URL) -> dict:
+def run(n: int, processes: int, batch_size: int, admin_url: str = PG_ADMIN_URL, cycle: str = "statement") -> dict:
     """Fresh database, N items, drained by the raw loop; checked from the table."""
     with pg_database(admin_url, suffix="raw") as url:
         insert_s = create(url, n)
-        seconds, cpu = drain(url, processes, batch_size)
+        seconds, cpu = drain(url, processes, batch_size, cycle)
         got = counts(url)
     if got != {"resolved": n}:
         raise RuntimeError(f"raw PostgreSQL loop left the table as {got}, expected {{'resolved': {n}}}")
     return {"raw_seconds": seconds, "raw_per_s": n / seconds,
             "raw_cpu_us_per_item": 1e6 * cpu / n,
             "raw_insert_per_s": n / insert_s,
-            "raw_sql": SQL_SOURCE}
+            "raw_sql": SQL_SOURCE, "raw_cycle": cycle if CYCLE_SQL is not None else "transaction"}
 
 
 def main() -> None:
@@ -182,11 +195,12 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--cycle", choices=["statement", "transaction"], default="statement")
     ap.add_argument("--pg", default=PG_ADMIN_URL, help="admin URL (a database to CREATE DATABASE from)")
     args = ap.parse_args()
-    r = run(args.items, args.processes, args.batch_size, args.pg)
+    r = run(args.items, args.processes, args.batch_size, args.pg, args.cycle)
     print(f"raw PostgreSQL loop: {args.items} items, {args.processes} process(es), batch {args.batch_size}: "
-          f"{r['raw_per_s']:,.0f} items/s ({r['raw_seconds']:.2f} s); insert {r['raw_insert_per_s']:,.0f} items/s")
+          f"{r['raw_cycle']} cycle: {r['raw_per_s']:,.0f} items/s ({r['raw_seconds']:.2f} s); insert {r['raw_insert_per_s']:,.0f} items/s")
 
 
 if __name__ == "__main__":

@@ -271,13 +271,12 @@ def test_processor_records_its_options_and_kind(bare_app):
     assert handle.__name__ == "handle"  # the decorator gives the function back
 
 
-def test_async_transactional_handler_is_refused(bare_app):
-    with pytest.raises(UsageError, match="transactional"):
-        @bare_app.processor("q", transactional=True)
-        async def handle(item, conn):
-            pass
+def test_async_transactional_handler_is_registered_as_async(bare_app):
+    @bare_app.processor("q", transactional=True)
+    async def handle(item, conn):
+        pass
 
-    assert "q" not in bare_app.processors
+    assert bare_app.processors["q"].is_async and bare_app.processors["q"].options.transactional
 
 
 def test_worker_needs_processors_and_known_queues(app):

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import psycopg
+import psycopg.rows
 import pytest
 
 import conveyor
-from conveyor.errors import StoreError, UsageError
-from conveyor.model import Claim, NewItem
-from conveyor.stores.postgres import _CLAIM_SQL, _ORDERED_FILTER, COPY_FROM, PostgresStore
+from conveyor.errors import ItemNotFound, StoreError, UsageError
+from conveyor.model import Claim, NewItem, Outcomes
+from conveyor.stores.postgres import _CLAIM_ORDERED_SQL, _CLAIM_SQL, COPY_FROM, PostgresStore
 from conveyor.stores.sqlite import SQLiteStore
+from conveyor.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,12 +99,147 @@ def test_bulk_submit_is_all_or_nothing(store):
     assert store.submit_many([new()])[0] is not None  # the connection is usable afterwards
 
 
+# -- transactional submit (submit_many / find_dedup on the caller's connection) -----------------
+
+
+def test_submit_on_callers_connection_is_rolled_back_with_it(store, pg_url):
+    with psycopg.connect(pg_url) as conn:  # not autocommit: the caller's own transaction
+        conn.execute("CREATE TABLE IF NOT EXISTS orders_tx (id int)")
+        conn.commit()
+        conn.execute("INSERT INTO orders_tx VALUES (1)")
+        (item_id,) = store.submit_many([new(payload="tx", dedup_key="d-tx")], conn=conn)
+        big = store.submit_many([new(payload={"n": i}) for i in range(COPY_FROM + 5)], conn=conn)
+        assert item_id is not None and None not in big
+        assert store.find_dedup("q", "d-tx", conn=conn) == item_id  # the caller's transaction sees it
+        assert store.find_dedup("q", "d-tx") is None  # nobody else does yet
+        assert store.stats().get("q", {}).get("total", 0) == 0
+        conn.rollback()
+        assert store.find_dedup("q", "d-tx", conn=conn) is None
+    assert store.stats().get("q", {}).get("total", 0) == 0
+    with pytest.raises(ItemNotFound):
+        store.get(item_id)
+    assert store.claim(Claim("q", 10, 30.0, 5), "w") == []
+
+
+def test_submit_on_callers_connection_commits_with_it_and_wakes_an_idle_worker(store, pg_url):
+    handled: list = []
+    app = conveyor.App(pg_url)
+
+    @app.processor("q", batch_size=10)
+    def handle(item):
+        handled.append(item.payload)
+
+    listener = PostgresStore(pg_url)
+    worker = Worker(app, ["q"])
+    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
+    try:
+        listener.wait_for_change(0.01)  # subscribed before the submit
+        thread.start()
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("SELECT 1")  # the caller's transaction is open
+            (item_id,) = store.submit_many([new(payload="committed", key="K")], conn=conn)
+            assert listener.wait_for_change(0.3) is False  # NOTIFY is held until commit
+            time.sleep(0.6)  # longer than the worker's idle poll: it cannot see the item yet
+            assert handled == []
+            conn.commit()
+            start = time.monotonic()
+            assert listener.wait_for_change(5) is True
+            assert time.monotonic() - start < 2
+        wait_until(lambda: handled == ["committed"], what="the worker to handle the committed item")
+        wait_until(lambda: store.get(item_id).state == conveyor.State.RESOLVED, what="the item to be resolved")
+    finally:
+        worker.stop()
+        thread.join(10)
+        listener.close()
+        app.close()
+
+
+def test_submit_on_an_autocommit_connection_commits_at_once(store, pg_url):
+    with psycopg.connect(pg_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+        ids = store.submit_many([new(payload={"n": i}) for i in range(3)], conn=conn)
+        assert store.find_dedup("q", "none", conn=conn) is None
+    assert [i.id for i in store.claim(Claim("q", 10, 30.0, 5), "w")] == ids
+
+
+def test_submit_on_a_wrong_connection_is_a_usage_error(store, pg_url):
+    import sqlite3
+
+    lite = sqlite3.connect(":memory:")
+    with pytest.raises(UsageError, match="sqlite3.Connection"):
+        store.submit_many([new()], conn=lite)
+    with pytest.raises(UsageError, match="sqlite3.Connection"):
+        store.find_dedup("q", "d", conn=lite)
+    lite.close()
+    other = pg_url.rpartition("/")[0] + "/postgres"
+    with psycopg.connect(other) as conn:
+        with pytest.raises(UsageError, match="'postgres'.*same database"):
+            store.submit_many([new()], conn=conn)
+        with pytest.raises(UsageError, match="same database"):  # cached per connection: still refused
+            store.find_dedup("q", "d", conn=conn)
+    with psycopg.connect(pg_url) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        with pytest.raises(UsageError, match="failed transaction"):
+            store.submit_many([new()], conn=conn)
+    assert store.stats().get("q", {}).get("total", 0) == 0
+
+
+# -- settle_and_claim: a worker cycle in one statement ------------------------------------------
+
+
+def test_settle_and_claim_settles_each_kind_fences_lost_tokens_and_claims_per_queue(store, pg_url):
+    ids = store.submit_many([new(payload=i) for i in range(5)] + [new("other", payload="o")])
+    held = store.claim(Claim("q", 5, 30.0, 1), "w")
+    a, b, c, d, e = [(i.id, i.claim_token) for i in held]
+    more = store.submit_many([new(payload="next")])
+    listener = PostgresStore(pg_url)
+    try:
+        listener.wait_for_change(0.01)
+        out = Outcomes(resolved=[a, (e[0], e[1] + 1)], retried=[(b[0], b[1], 0.0, "again")],
+                       failed=[(c[0], c[1], "bad")], released=[d])
+        lost, (got_q, got_other) = store.settle_and_claim(
+            out, [Claim("q", 10, 30.0, 5), Claim("other", 10, 30.0, 5)], "w2")
+        assert lost == [e[0]]  # a stale token is refused, the rest applied
+        assert listener.wait_for_change(5) is True  # the release (pending, due) woke idle workers
+    finally:
+        listener.close()
+    states = {i: store.get(i).state.value for i in ids[:5]}
+    assert states == {a[0]: "resolved", b[0]: "dead", c[0]: "dead", d[0]: "pending", e[0]: "in_progress"}
+    assert store.get(b[0]).last_error == "again" and store.get(c[0]).last_error == "bad"
+    # the claims shared the settle's snapshot: the released item comes back in the next cycle
+    assert [i.id for i in got_q] == more and [i.payload for i in got_other] == ["o"]
+    assert all(i.lease_owner == "w2" for i in got_q + got_other)
+    assert got_q[0].claim_token != got_other[0].claim_token
+    lost, (again,) = store.settle_and_claim(Outcomes(), [Claim("q", 10, 30.0, 5)], "w2")
+    assert lost == [] and [i.id for i in again] == [d[0]] and again[0].attempts == 1
+    assert store.settle_and_claim(Outcomes(), [], "w2") == ([], [])
+
+
+def test_settle_and_claim_with_an_ordered_claim_sees_what_it_settled(store):
+    first, second = store.submit_many([new(payload=1, key="K"), new(payload=2, key="K")])
+    ordered = Claim("q", 10, 30.0, 5, ordered=True)
+    lost, (got,) = store.settle_and_claim(Outcomes(), [ordered], "w")
+    assert [i.id for i in got] == [first]
+    lost, (got,) = store.settle_and_claim(Outcomes(resolved=[(first, got[0].claim_token)]), [ordered], "w")
+    assert lost == [] and [i.id for i in got] == [second]  # the next of K, in the same cycle
+
+
+def test_settle_and_claim_joins_an_open_store_transaction(store):
+    (item_id,) = store.submit_many([new()])
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            _, (got,) = store.settle_and_claim(Outcomes(), [Claim("q", 10, 30.0, 5)], "w")
+            assert [i.id for i in got] == [item_id]
+            raise RuntimeError("roll back")
+    assert store.get(item_id).state == conveyor.State.PENDING
+
+
 # -- claim plan --------------------------------------------------------------------------------
 
 
 def _claim_plan(url: str, ordered: bool) -> str:
     with admin(url) as conn:
-        sql = "EXPLAIN " + _CLAIM_SQL.format(ordered=_ORDERED_FILTER if ordered else "")
+        sql = "EXPLAIN " + (_CLAIM_ORDERED_SQL if ordered else _CLAIM_SQL)
         args = dict(owner="w", lease=30.0, token=1, max_attempts=5, queue="q", limit=100)
         return "\n".join(r[0] for r in conn.execute(sql, args))
 
@@ -119,7 +256,8 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
         store.submit_many([new(payload={"n": i}, key=f"k{i % 50}") for i in range(5_000)])
         for ordered in (False, True):
             plan = _claim_plan(pg_url, ordered)
-            assert "conveyor_items_pending" in plan, plan
+            for index in (("conveyor_items_keyed", "conveyor_items_unkeyed") if ordered else ("conveyor_items_pending",)):
+                assert index in plan, plan
             assert "Seq Scan" not in plan, plan
         items = store.claim(Claim("q", 100, 30.0, 5), "w")
         assert [i.payload["n"] for i in items] == list(range(100))
@@ -129,6 +267,35 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
 
 
 # -- ordered queues ----------------------------------------------------------------------------
+
+
+def test_ordered_claim_with_a_deep_backlog_takes_the_key_heads_by_skip_scan(store, pg_url):
+    """20k pending items over 20 keys: an ordered claim returns exactly the head of each key, and
+    its plan finds them by probing the keyed index (one probe per key, a recursive CTE) rather than
+    by a scan or an anti-join over the backlog. Timing-free: the plan's shape is the check."""
+    keys = 20
+    ids = store.submit_many([new(payload={"k": i % keys, "n": i // keys}, key=f"k{i % keys}") for i in range(20_000)])
+    plan = _claim_plan(pg_url, ordered=True)
+    assert "Recursive Union" in plan, plan
+    assert "conveyor_items_keyed" in plan, plan
+    assert "Seq Scan" not in plan and "Anti Join" not in plan, plan
+    with admin(pg_url) as conn:  # the probes read a handful of index pages, not the backlog
+        analyzed = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _CLAIM_ORDERED_SQL,
+            dict(owner="w", lease=30.0, token=1, max_attempts=5, queue="q", limit=100)))
+        conn.execute("UPDATE conveyor_items SET state = 'pending', attempts = 0, claim_token = NULL, "
+                     "lease_owner = NULL, lease_expires_at = NULL")
+    assert "Seq Scan" not in analyzed, analyzed
+    heads = store.claim(Claim("q", 100, 30.0, 5, ordered=True), "w")
+    assert sorted(i.id for i in heads) == sorted(ids[:keys])
+    assert {i.payload["n"] for i in heads} == {0}
+    # while the heads run, nothing of their keys is claimable; key-less items still are
+    (free,) = store.submit_many([new(payload="free")])
+    assert [i.id for i in store.claim(Claim("q", 100, 30.0, 5, ordered=True), "w")] == [free]
+    assert store.resolve([(i.id, i.claim_token) for i in heads[:5]]) == []
+    nxt = store.claim(Claim("q", 100, 30.0, 5, ordered=True), "w")
+    assert sorted(i.id for i in nxt) == sorted(i.id + keys for i in heads[:5])
+
 
 
 def test_ordered_claim_waits_for_the_open_claim_and_then_sees_it(pg_url):

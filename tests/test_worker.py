@@ -499,6 +499,48 @@ def test_transactional_batch_handler(app, effects):
     assert effects.rows() == [(i, 1) for i in ids]
 
 
+async def _execute(conn, sql, args):
+    """The handler's connection is async on PostgreSQL (psycopg.AsyncConnection), sync on SQLite."""
+    result = conn.execute(sql, args)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+def test_async_transactional_writes_commit_with_the_resolution(app, effects):
+    running = collections.Counter()
+
+    @app.processor("q", transactional=True, concurrency=3)
+    async def handle(item, conn):
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        await _execute(conn, effects.insert, (item.id, item.attempts))
+        await asyncio.sleep(0.01)
+        running["now"] -= 1
+
+    ids = [app.submit("q", i) for i in range(12)]
+    counts = drain(app)
+    assert effects.rows() == [(i, 1) for i in ids]
+    assert all(app.get(i).state == State.RESOLVED for i in ids)
+    assert counts["resolved"] == 12
+
+
+def test_async_transactional_writes_roll_back_when_the_handler_raises_or_times_out(app, effects):
+    @app.processor("q", transactional=True, max_attempts=3, timeout_seconds=0.5, **FAST)
+    async def handle(item, conn):
+        await _execute(conn, effects.insert, (item.id, item.attempts))
+        if item.attempts == 1 and item.payload == "raise":
+            raise RuntimeError("after writing")
+        if item.attempts == 1 and item.payload == "hang":
+            await asyncio.sleep(30)
+
+    a = app.submit("q", "raise")
+    b = app.submit("q", "hang")
+    drain(app)
+    assert effects.rows() == [(a, 2), (b, 2)]  # first attempts' writes were rolled back
+    assert "timeout_seconds" in (app.get(b).last_error or "")
+    assert app.get(a).state == app.get(b).state == State.RESOLVED
+
+
 def test_transactional_writes_roll_back_when_the_lease_is_lost(app, effects):
     """Item B is cancelled by another transaction (A's) after B was claimed: B's handler still
     runs, but its resolution is refused and its writes must not survive."""

@@ -164,8 +164,6 @@ class App:
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             is_async = asyncio.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
-            if transactional and is_async:
-                raise UsageError(f"{where}: transactional handlers must be plain (sync) functions for now")
             self.processors[queue] = Processor(options, fn, is_async)
             return fn
 

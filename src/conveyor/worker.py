@@ -290,6 +290,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._keeper: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self.counts = {"claimed": 0, "resolved": 0, "retried": 0, "failed": 0, "released": 0, "lost": 0, "rescued": 0}
         min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
         self.heartbeat_interval = max(0.05, min_lease / 3)
@@ -375,21 +376,48 @@ class Worker:
 
     async def run_async(self, lane: Lane, items: list[Item]) -> None:
         arg: Any = items if lane.opts.batch else items[0]
-        timeout = lane.opts.timeout_seconds
         try:
-            if timeout is None:
-                await lane.processor.handler(arg)
-            else:
-                try:
-                    await asyncio.wait_for(lane.processor.handler(arg), timeout)
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"handler ran past timeout_seconds={timeout:g} and was cancelled") from None
+            if lane.opts.transactional:
+                await self._run_async_transactional(lane, items, arg)
+                return
+            await self._bounded(lane, lane.processor.handler(arg))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self.forced:
                 raise
             self._record_result(lane, items, exc)
         else:
             self._record_result(lane, items, None)
+
+    @staticmethod
+    async def _bounded(lane: Lane, coro: Any) -> Any:
+        """Await a handler, cancelling it past timeout_seconds."""
+        timeout = lane.opts.timeout_seconds
+        if timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"handler ran past timeout_seconds={timeout:g} and was cancelled") from None
+
+    async def _run_async_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
+        """As _run_transactional, on a connection of the handler's own (async where the driver is)."""
+        store = self.app.store
+        try:
+            async with store.async_transaction() as conn:
+                await self._bounded(lane, lane.processor.handler(arg, conn))
+                lost = await store.resolve_in(conn, [(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                if lost:
+                    raise LeaseLost(lost)
+        except LeaseLost as exc:
+            log.warning("%s: the handler's writes were rolled back", exc)
+            self._count("lost", len(items))
+        else:
+            self._count("resolved", len(items))
+        # any other exception propagates to run_async, which records it for a retry
+        lane.settled([(it.id, it.claim_token) for it in items])
+        if lane.opts.ordered:
+            lane.dry = False
+        self.wake.set()
 
     # -- the cycle ------------------------------------------------------------------------------
     def _take_outcomes(self) -> Outcomes:
@@ -410,23 +438,18 @@ class Worker:
         return [(lane, n) for lane in self.lanes.values() if lane.ready(now) and (n := lane.wanted())]
 
     def _cycle(self, out: Outcomes) -> list[tuple[Lane, int, list[Item]]]:
-        """Settle outcomes, then claim what the freed capacity allows, in one transaction."""
-        store = self.app.store
-        claimed: list[tuple[Lane, int, list[Item]]] = []
-        with store.transaction():
-            lost = store.resolve(out.resolved) if out.resolved else []
-            lost += store.retry(out.retried) if out.retried else []
-            lost += store.fail(out.failed) if out.failed else []
-            lost += store.release(out.released) if out.released else []
-            if out:
-                settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
-                for lane in self.lanes.values():
-                    if lane.inflight and lane.settled(settled) and lane.opts.ordered:
-                        lane.dry = False  # settling may unblock the next item of a key: claim again
-            for lane, n in self._wants():
-                claim = lane.claim if n == lane.claim.limit else Claim(
-                    lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
-                claimed.append((lane, n, store.claim(claim, self.name)))
+        """Settle outcomes, then claim what the freed capacity allows, atomically (one statement
+        on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
+        if out:
+            settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+            for lane in self.lanes.values():
+                if lane.inflight and lane.settled(settled) and lane.opts.ordered:
+                    lane.dry = False  # settling may unblock the next item of a key: claim again
+        wants = self._wants()
+        claims = [lane.claim if n == lane.claim.limit else Claim(
+            lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
+            for lane, n in wants]
+        lost, batches = self.app.store.settle_and_claim(out, claims, self.name)
         lost_set = set(lost)
         for key, entries in (("resolved", out.resolved), ("retried", out.retried),
                              ("failed", out.failed), ("released", out.released)):
@@ -435,7 +458,7 @@ class Worker:
             self._count("lost", len(lost))
             log.warning("lease lost on item(s) %s: their results were refused (another worker holds them now)",
                         ", ".join(map(str, sorted(lost)[:20])))
-        return claimed
+        return [(lane, n, items) for (lane, n), items in zip(wants, batches)]
 
     def _inflight_total(self) -> int:
         return sum(len(lane.inflight) for lane in self.lanes.values())
@@ -578,6 +601,12 @@ class Worker:
         self._keeper_stop = threading.Event()
         self._keeper = threading.Thread(target=self._keeper_main, name="conveyor-keeper", daemon=True)
         self._keeper.start()
+        if any(lane.opts.timeout_seconds for lane in self.lanes.values()):
+            # its own thread, touching no database: the keeper can sit blocked in a heartbeat for as
+            # long as the database stalls (SQLite's write lock held, by a hung transactional handler
+            # say), and a timeout checked there would fire only after the hung run had finished
+            self._watchdog = threading.Thread(target=self._watchdog_main, name="conveyor-watchdog", daemon=True)
+            self._watchdog.start()
 
     def _loop_main(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -611,6 +640,8 @@ class Worker:
         if self._keeper:
             self._keeper_stop.set()
             self._keeper.join(timeout=5)
+        if self._watchdog:
+            self._watchdog.join(timeout=5)
         for lane in self.lanes.values():
             for t in lane.threads:
                 t.join(timeout=0.5)
@@ -648,9 +679,12 @@ class Worker:
                         self.app.wakeup.set()
             except Exception as exc:  # the keeper must outlive a database hiccup
                 log.warning("heartbeat/rescue failed, will retry: %s", exc)
-            self._expire_overdue()
-            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue, now + self.timeout_check) - time.monotonic()))
+            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
         self.app.store.disconnect()
+
+    def _watchdog_main(self) -> None:
+        while not self._keeper_stop.wait(self.timeout_check):
+            self._expire_overdue()
 
     def _expire_overdue(self) -> None:
         for lane in self.lanes.values():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from ..model import Claim, Item, NewItem
+from ..model import Claim, Item, NewItem, Outcomes
 
 #: (item id, claim token)
 Token = tuple[int, int]
@@ -56,6 +56,11 @@ class Store(Protocol):
     def release(self, tokens: Sequence[Token]) -> list[int]:
         """Claimed but never started: back to pending, the attempt given back. Returns refused ids."""
 
+    def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
+        """A worker's whole cycle, atomically: settle `outcomes` (each fenced by its token), then
+        make `claims`. Returns (refused ids, the items claimed per claim). A store does it in as
+        few round trips as it can (PostgreSQL: one statement)."""
+
     # -- leases ---------------------------------------------------------------------------------
     def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
         """Push the leases of items still being handled; returns the ids whose lease was lost."""
@@ -87,6 +92,14 @@ class Store(Protocol):
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """A write transaction on this thread's connection; store calls made inside join it.
         Yields the driver's own connection."""
+
+    def async_transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """For one async transactional handler: a write transaction on a connection of its own,
+        yielding the connection to hand the handler (psycopg.AsyncConnection on PostgreSQL; the
+        sqlite3.Connection on SQLite, which has no async driver)."""
+
+    async def resolve_in(self, conn: Any, tokens: Sequence[Token]) -> list[int]:
+        """Resolve items inside async_transaction(); returns the refused ids."""
 
     def wait_for_change(self, timeout: float, wake: Any = None) -> bool:
         """Block up to `timeout` seconds for another connection to change the data (a cheap

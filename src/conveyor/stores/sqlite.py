@@ -9,18 +9,19 @@ the database's clock for an embedded file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 import orjson
 
 from ..errors import ItemNotFound, StoreError, UsageError
-from ..model import Claim, Item, NewItem
+from ..model import Claim, Item, NewItem, Outcomes
 from .base import Token
 from .common import ITEM_COLUMNS, new_token, refused, row_to_item, shape_stats
 
@@ -362,24 +363,71 @@ class SQLiteStore:
 
     # -- claim ----------------------------------------------------------------------------------
     def claim(self, claim: Claim, owner: str) -> list[Item]:
-        sql = _CLAIM_ORDERED_SQL if claim.ordered else _CLAIM_SQL
-        args = (owner, time.time(), claim.lease_seconds, new_token(), claim.max_attempts, claim.queue, claim.limit)
         with self.transaction() as conn:
-            rows = conn.execute(sql, args).fetchall()
+            rows = self._claim_rows(conn, claim, owner)
+        return self._items(rows)
+
+    def _claim_rows(self, conn: sqlite3.Connection, claim: Claim, owner: str) -> list[Any]:
+        sql = _CLAIM_ORDERED_SQL if claim.ordered else _CLAIM_SQL
+        rows = conn.execute(sql, (owner, time.time(), claim.lease_seconds, new_token(), claim.max_attempts,
+                                  claim.queue, claim.limit)).fetchall()
         if rows:
             self._local.last_change = time.monotonic()  # busy: keep idle polling brisk (wait_for_change)
+        return rows
+
+    @staticmethod
+    def _items(rows: list[Any]) -> list[Item]:
         items = [row_to_item(r) for r in rows]
         items.sort(key=lambda i: (-i.priority, i.run_at, i.id))
         return items
 
+    def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
+        """A worker's whole cycle in one write transaction; rows become Items after the commit,
+        so the write lock is held for SQL only."""
+        now = time.time()
+        with self.transaction() as conn:
+            lost = self._fenced(_RESOLVE_SQL, outcomes.resolved, now, conn)
+            lost += self._fenced(_RETRY_SQL, outcomes.retried, now, conn)
+            lost += self._fenced(_FAIL_SQL, outcomes.failed, now, conn)
+            lost += self._fenced(_RELEASE_SQL, outcomes.released, now, conn)
+            batches = [self._claim_rows(conn, c, owner) for c in claims]
+        return lost, [self._items(rows) for rows in batches]
+
     # -- settle ---------------------------------------------------------------------------------
-    def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float) -> list[int]:
+    def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float, conn: Any = None) -> list[int]:
         if not entries:
             return []
         batch = orjson.dumps(entries).decode()
-        with self.transaction() as conn:
-            accepted = [r[0] for r in conn.execute(sql, (batch, when))]
+        if conn is not None:
+            return refused(entries, [r[0] for r in conn.execute(sql, (batch, when))])
+        with self.transaction() as own:
+            accepted = [r[0] for r in own.execute(sql, (batch, when))]
         return refused(entries, accepted)
+
+    # -- async transactional handlers -----------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def async_transaction(self) -> AsyncIterator[sqlite3.Connection]:
+        """A write transaction on a connection of its own, for one async transactional handler.
+        SQLite has no async driver: the handler gets the sqlite3 connection (its calls are quick,
+        local work), while waiting for the write lock and committing run off the event loop."""
+        conn = await asyncio.to_thread(self._connect)
+        try:
+            await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            await asyncio.to_thread(conn.execute, "COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"SQLite database {self.path!r}: {exc}") from exc
+        finally:
+            conn.close()
+
+    async def resolve_in(self, conn: sqlite3.Connection, tokens: Sequence[Token]) -> list[int]:
+        """Resolve inside an async_transaction(); returns the refused ids."""
+        return self._fenced(_RESOLVE_SQL, tokens, time.time(), conn)
 
     def resolve(self, tokens: Sequence[Token]) -> list[int]:
         return self._fenced(_RESOLVE_SQL, tokens, time.time())
