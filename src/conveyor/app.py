@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import orjson
+
 from .errors import UsageError
 from .model import Item, NewItem, QueueOptions
 from .stores.base import Store, open_store
@@ -42,7 +44,24 @@ def check_queue_name(queue: Any) -> str:
     return queue
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_std_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# orjson does the common case ~10x faster; anything it treats differently from the standard library
+# goes to the stdlib, which decides: datetimes, dataclasses and subclasses are passed through (so
+# they fail or are handled as json.dumps would), and orjson writes NaN/Infinity as null, so output
+# containing null is re-encoded by the stdlib, which refuses non-finite numbers.
+_ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def _encode(payload: Any) -> str:
+    try:
+        out = orjson.dumps(payload, option=_ORJSON_OPTS)
+    except TypeError as exc:  # non-str keys, passed-through types: the stdlib's verdict
+        if "64-bit" in str(exc):  # items are decoded with orjson too, which would turn these into floats
+            raise ValueError("an integer does not fit in 64 bits; send such numbers as strings") from None
+        return _std_encode(payload)
+    if b"null" in out:
+        return _std_encode(payload)
+    return out.decode()
 
 
 def encode_payload(payload: Any, where: str) -> str:

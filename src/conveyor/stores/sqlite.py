@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
+_dumps = lambda value: orjson.dumps(value).decode()  # noqa: E731
+
 from ..errors import ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, NewItem, Outcomes
 from .base import Token
@@ -118,6 +120,13 @@ _INSERT_SQL = """
 INSERT INTO conveyor_items (queue, payload, key, dedup_key, priority, run_at, created_at, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+"""
+
+# [[payload, queue, key, priority, run_at], ...]: items without dedup keys, so nothing conflicts
+_INSERT_BATCH_SQL = """
+INSERT INTO conveyor_items (queue, payload, key, priority, run_at, created_at, updated_at)
+SELECT value ->> 1, value -> 0, value ->> 2, value ->> 3, value ->> 4, ?2, ?2
+  FROM json_each(?1) ORDER BY key
 """
 
 _SETTLE_CLEAR = "lease_owner = NULL, lease_expires_at = NULL"
@@ -329,31 +338,35 @@ class SQLiteStore:
     # -- submit ---------------------------------------------------------------------------------
     def submit_many(self, items: Sequence[NewItem], conn: Any = None) -> list[int | None]:
         now = time.time()
-        rows = [(it.queue, it.payload_json, it.key, it.dedup_key, it.priority,
-                 now if it.run_at is None else it.run_at, now, now) for it in items]
         if conn is not None and conn is not getattr(self._local, "conn", None):
             # The caller's own connection and transaction: insert there, commit nothing. The items
             # exist if and only if the caller commits.
-            cur = self._callers(conn).cursor()
-            ids: list[int | None] = []
-            for row in rows:
-                cur.execute(_INSERT_SQL, row)
-                ids.append(cur.lastrowid if cur.rowcount == 1 else None)
-            return ids
-        with self.transaction() as conn:
+            return self._insert_rows(self._callers(conn), items, now)
+        with self.transaction() as own:
             if any(it.dedup_key is not None for it in items):
-                ids = []
-                cur = conn.cursor()
-                for row in rows:
-                    cur.execute(_INSERT_SQL, row)
-                    ids.append(cur.lastrowid if cur.rowcount == 1 else None)
-                return ids
+                return self._insert_rows(own, items, now)
             # No dedup keys, so no conflicts: inside our write lock AUTOINCREMENT hands out the next
-            # len(rows) ids in order, and one executemany stores them all.
-            before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'conveyor_items'").fetchone()
-            conn.executemany(_INSERT_SQL, rows)
+            # len(items) ids in order. The batch travels as one JSON document that SQLite takes
+            # apart in C (twice the speed of binding row by row); each payload is spliced in as the
+            # JSON it already is.
+            before = own.execute("SELECT seq FROM sqlite_sequence WHERE name = 'conveyor_items'").fetchone()
+            doc = "[" + ",".join(
+                f"[{it.payload_json},{_dumps((it.queue, it.key, it.priority, now if it.run_at is None else it.run_at))[1:]}"
+                for it in items) + "]"
+            own.execute(_INSERT_BATCH_SQL, (doc, now))
         first = (before[0] if before else 0) + 1
-        return list(range(first, first + len(rows)))
+        return list(range(first, first + len(items)))
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, items: Sequence[NewItem], now: float) -> list[int | None]:
+        """Row by row, learning each id (or None where a dedup key already exists)."""
+        cur = conn.cursor()
+        ids: list[int | None] = []
+        for it in items:
+            cur.execute(_INSERT_SQL, (it.queue, it.payload_json, it.key, it.dedup_key, it.priority,
+                                      now if it.run_at is None else it.run_at, now, now))
+            ids.append(cur.lastrowid if cur.rowcount == 1 else None)
+        return ids
 
     def find_dedup(self, queue: str, dedup_key: str, conn: Any = None) -> int | None:
         row = (self._conn() if conn is None else self._callers(conn)).execute(
