@@ -24,7 +24,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import Fail, LeaseLost, Retry, UsageError
+from .errors import Fail, LeaseLost, Retry, StoreError, UsageError
 from .model import Claim, Item, Outcomes
 from .retry import backoff_delay
 
@@ -157,6 +157,7 @@ class Lane:
             with self.lock:
                 self.running.pop(me, None)
                 given_up = me in self.abandoned
+                self.abandoned.discard(me)  # a thread started later may get the same ident
             if given_up:
                 log.warning("handler for %r returned after its timeout: result dropped, thread retired",
                             self.opts.queue)
@@ -465,7 +466,7 @@ class Worker:
 
     def run(self, install_signal_handlers: bool = True) -> dict[str, int]:
         restore = self._install_signals() if install_signal_handlers else None
-        self.app.store.migrate()
+        self._migrate_at_start()
         log.info("worker %s started on %s", self.name, ", ".join(self.queues))
         try:
             self._start_runners()
@@ -476,6 +477,19 @@ class Worker:
                 restore()
             log.info("worker %s stopped: %s", self.name, self.counts)
         return dict(self.counts)
+
+    def _migrate_at_start(self) -> None:
+        """The first touch of the database: a hiccup here (a dropped connection) is retried for a
+        while, like any in the loop, instead of killing the worker; a usage error is not."""
+        for attempt in range(1, 9):
+            try:
+                self.app.store.migrate()
+                return
+            except StoreError as exc:
+                if attempt == 8 or self.stopping:
+                    raise
+                log.warning("database error at start (attempt %d), retrying: %s", attempt, exc)
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
 
     def _loop(self) -> None:
         deadline: float | None = None

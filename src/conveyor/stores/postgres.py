@@ -350,6 +350,9 @@ class PostgresStore:
     def _connect(self) -> psycopg.Connection[Any]:
         try:
             conn = psycopg.connect(self._conninfo, autocommit=True, **self._defaults)
+            # the server answered: the URL is good, and a failure from here on is an outage (a
+            # terminated backend, say), not a usage error that would stop a worker for good
+            self._reached = True
             # UTC: Items carry UTC datetimes, like SQLite's. JIT off: compiling costs tens of
             # milliseconds and never pays back on these short statements (it fired on bulk submits).
             conn.execute("SET TimeZone TO 'UTC'")

@@ -1,0 +1,118 @@
+"""Chaos 4: leases are judged by the database's clock, never a worker's.
+
+Workers run with Python's wall clock shifted by an hour (harness.SKEW_MODULE wraps the CLI and
+replaces time.time; libfaketime would do the same from outside, but it is not installed in CI).
+- A worker an hour AHEAD must not see its peers' live leases as expired (no early rescue), and a
+  worker an hour BEHIND must not write leases its peers see as expired.
+- A worker an hour ahead that is SIGKILLed must not leave its items stranded for an hour: its
+  leases run out on the database's clock, a normal peer rescues them a second or two later.
+
+PostgreSQL computes every lease time with statement_timestamp(): these hold. SQLite is an
+embedded database: its clock is the host's, and conveyor reads it in each worker process with
+Python's time.time(); a process whose clock is shifted writes leases shifted as much and judges its
+peers' by it. On one host every process shares the OS clock, so this takes a process-local shift
+(freezegun / time-machine in a test, libfaketime), but it is a real limitation, marked xfail below.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+import conveyor
+from conveyor.model import Claim
+
+from .harness import Figures
+
+SKEW = 3600.0
+SQLITE_CLOCK = (
+    "SQLite store: lease times come from each worker process's own time.time() (stores/sqlite.py "
+    "claim/extend_leases/rescue_expired), so a process whose clock is shifted writes leases shifted as "
+    "much and judges its peers' leases by its own clock; PostgreSQL uses statement_timestamp()")
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_skewed_workers_neither_rescue_early_nor_get_rescued_early(chaos, chaos_results, request):
+    request.applymarker(pytest.mark.xfail(chaos.kind == "sqlite", reason=SQLITE_CLOCK, strict=True))
+    n, held = 24, 8
+    chaos.prepare({"plain": [{"n": i} for i in range(n)]})
+    fig = Figures("4a clock skew", chaos.kind)
+    # a live peer with a normal clock holds some items on a 30 s lease (the test plays it)
+    app = conveyor.App(chaos.url)
+    try:
+        peer = app.store.claim(Claim("plain", limit=held, lease_seconds=30, max_attempts=5), "peer")
+        assert len(peer) == held
+        ahead = chaos.worker(skew=SKEW, lease=1, batch=2, concurrency=2, work=0.25)
+        behind = chaos.worker(skew=-SKEW, lease=1, batch=2, concurrency=2, work=0.25)
+        _wait(lambda: chaos.states().get("resolved", 0) >= n - held, 30)
+        time.sleep(1.5)  # several more rescue passes (every 0.5 s) by each skewed worker
+        for p in (ahead, behind):
+            p.terminate()
+        chaos.wait_all([ahead, behind], 15)
+
+        rows = {r[0]: r[1:] for r in chaos.sql("SELECT id, state, attempts, lease_owner, claim_token FROM conveyor_items")}
+        calls = collections.Counter(e.item for e in chaos.events() if e.kind == "call")
+        fig.items, fig.calls = n, sum(calls.values())
+        fig.reruns = fig.calls - (n - held)
+        fig.resolved = sum(1 for r in rows.values() if r[0] == "resolved")
+        fig.seconds = time.monotonic() - chaos.t0
+        fig.extra["peer_items_rescued"] = sum(1 for it in peer if rows[it.id][2] != "peer")
+        fig.extra["runs_rescued_early"] = sum(1 for i, r in rows.items() if r[1] > 1)
+        chaos_results(fig)
+        # the peer still holds its items: nobody rescued them, nobody ran them
+        for it in peer:
+            assert rows[it.id][:4] == ("in_progress", 1, "peer", it.claim_token), (it.id, rows[it.id])
+            assert calls[it.id] == 0, f"item {it.id} of a live peer was run by a skewed worker"
+        # the skewed workers' own items: each run once, on attempt 1 (none rescued from under them)
+        others = set(rows) - {it.id for it in peer}
+        assert {i: (rows[i][0], rows[i][1], calls[i]) for i in others} == {i: ("resolved", 1, 1) for i in others}
+        assert app.store.resolve([(it.id, it.claim_token) for it in peer]) == []
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_killed_skewed_worker_is_rescued_on_the_database_clock(chaos, chaos_results, request):
+    request.applymarker(pytest.mark.xfail(chaos.kind == "sqlite", reason=SQLITE_CLOCK, strict=True))
+    n = 6
+    chaos.prepare({"plain": [{"n": i} for i in range(n)]})
+    fig = Figures("4b clock skew", chaos.kind)
+    ahead = chaos.worker(skew=SKEW, lease=1, batch=n, concurrency=n, work=60)  # hangs on every item
+    if not _wait(lambda: len(chaos.events()) >= n, 20):
+        chaos.fail_with("the skewed worker did not start its items", ahead)
+    now = "statement_timestamp()" if chaos.kind == "postgres" else None
+    if now:
+        left = chaos.sql(f"SELECT max(extract(epoch FROM lease_expires_at - {now})) FROM conveyor_items")[0][0]
+    else:
+        left = chaos.sql("SELECT max(lease_expires_at) FROM conveyor_items")[0][0] - time.time()
+    fig.extra["lease_left_s"] = round(float(left), 1)
+    ahead.kill()
+    ahead.wait()
+    fig.kills = 1
+    t0 = time.monotonic()
+    normal = chaos.worker("--stop-when-empty", lease=1)
+    finished = _wait(lambda: normal.poll() is not None, 6)
+    fig.extra["rescued_after_s"] = round(time.monotonic() - t0, 1) if finished else "never (>6s)"
+    fig.items, fig.seconds = n, time.monotonic() - chaos.t0
+    fig.calls = sum(1 for e in chaos.events() if e.kind == "call")
+    fig.reruns = fig.calls - n
+    fig.resolved = chaos.states().get("resolved", 0)
+    chaos_results(fig)
+    assert float(left) < 5, f"the skewed worker's lease runs {left:.0f}s: written with its own clock"
+    assert finished, "the killed skewed worker's items were not rescued within 6 s"
+    assert normal.returncode == 0, chaos.output(normal)
+    rows = chaos.sql("SELECT state, attempts, last_error FROM conveyor_items")
+    assert all(r[0] == "resolved" and r[1] == 2 and "lease expired" in r[2] for r in rows), rows
