@@ -73,6 +73,8 @@ class Lane:
         self.running: dict[int, tuple[float, list[Item]]] = {}
         #: threads given up on by timeout: their late results are dropped, then they retire
         self.abandoned: set[int] = set()
+        #: a claimed item whose last worker died holding it, waiting to run alone (Worker._run_suspect)
+        self.suspects: collections.deque[Item] = collections.deque()
 
     # -- claiming -------------------------------------------------------------------------------
     def wanted(self) -> int:
@@ -97,6 +99,20 @@ class Lane:
             self.mark_dry()
         else:
             self.dry, self.poll_gap = False, POLL_MIN
+        if any(is_suspect(it) for it in items):
+            # Hold one suspect to run alone; give the others back unstarted (their attempt
+            # refunded), so a crash while the one runs strands nothing else.
+            suspects = [it for it in items if is_suspect(it)]
+            items = [it for it in items if not is_suspect(it)]
+            if not any(lane.suspects for lane in self.worker.lanes.values()):
+                self.suspects.append(suspects.pop(0))
+            if suspects:
+                self.worker.record_release(suspects)
+        self.dispatch(items)
+
+    def dispatch(self, items: list[Item]) -> None:
+        if not items:
+            return
         units: list[Any] = [items] if self.opts.batch else items
         if self.processor.is_async:
             loop, q = self.worker.loop, self.async_q
@@ -200,7 +216,8 @@ class Lane:
 
     def drain_unstarted(self) -> list[Item]:
         """Take back what no runner has started yet (at shutdown)."""
-        taken: list[Item] = []
+        taken: list[Item] = list(self.suspects)
+        self.suspects.clear()
         for unit in self.handoff.drain():
             taken.extend(unit if isinstance(unit, list) else [unit])
         return taken
@@ -433,8 +450,8 @@ class Worker:
         return None
 
     def _wants(self) -> list[tuple[Lane, int]]:
-        if self.stopping:
-            return []
+        if self.stopping or any(lane.suspects for lane in self.lanes.values()):
+            return []  # nothing new while suspects wait to run alone
         now = time.monotonic()
         return [(lane, n) for lane in self.lanes.values() if lane.ready(now) and (n := lane.wanted())]
 
@@ -498,10 +515,10 @@ class Worker:
             if self.stopping and deadline is None:
                 deadline = time.monotonic() + self.shutdown_timeout
                 for lane in self.lanes.values():
-                    if not lane.processor.is_async:
-                        back = lane.drain_unstarted()
-                        if back:
-                            self.record_release(back)
+                    back = lane.drain_unstarted() if not lane.processor.is_async else list(lane.suspects)
+                    lane.suspects.clear()
+                    if back:
+                        self.record_release(back)
             try:
                 outcome = self._step(deadline)
                 trouble = 0
@@ -538,6 +555,8 @@ class Worker:
                 else:
                     lane.mark_dry()
         inflight = self._inflight_total()
+        if not self.stopping and any(lane.suspects for lane in self.lanes.values()):
+            self._run_suspect(inflight)
         self._flush_at = max(1, min(FLUSH_MAX, inflight))
         if self.stopping:
             if inflight == 0:
@@ -555,6 +574,23 @@ class Worker:
             return "busy"
         self._wait()
         return "idle" if inflight == 0 else "waiting"
+
+    def _run_suspect(self, inflight: int) -> None:
+        """Run one suspect item, alone in this process. A suspect's last worker died while holding
+        it (its lease was rescued), perhaps killed by this very item (a segfault, os._exit, the OOM
+        killer). Running it with nothing else in flight and every other outcome already settled
+        means that if it kills this worker too, only its own attempt is spent: a poison item goes
+        dead after max_attempts without taking innocent batch-mates with it."""
+        if inflight != sum(len(lane.suspects) for lane in self.lanes.values()):
+            return  # something else still runs or waits: its outcome must be settled first
+        with self._out_lock:
+            if self._out:
+                return
+        lane = next(lane for lane in self.lanes.values() if lane.suspects)
+        item = lane.suspects.popleft()
+        log.warning("running item %s of %r alone: the worker that held it died (attempt %s/%s)",
+                    item.id, lane.opts.queue, item.attempts, lane.opts.max_attempts)
+        lane.dispatch([item])
 
     def _restore_outcomes(self, out: Outcomes) -> None:
         """A settle failed: put its outcomes back in front of any gathered since."""
@@ -744,6 +780,14 @@ class Worker:
 
 #: returned by run_sync when a transactional run settled its items itself
 _SETTLED = object()
+
+
+RESCUED = "lease expired"  # how a rescue starts last_error (stores' _RESCUE_SQL)
+
+
+def is_suspect(item: Item) -> bool:
+    """Claimed again after its last worker died holding it."""
+    return item.attempts > 1 and (item.last_error or "").startswith(RESCUED)
 
 
 class _AnyEvent:

@@ -66,16 +66,10 @@ class CollateralDeath(AssertionError):
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    raises=CollateralDeath, strict=True,
-    reason="BUG (reported): a poison item's batch-mates die with it. The rescue (stores/*.py "
-           "_RESCUE_SQL) counts an attempt for every item of the dead worker, started or not, and "
-           "gives them all the same run_at, so they are claimed together again (batch claim) and "
-           "stranded again each time the poison item kills the process; they reach max_attempts "
-           "with it and go dead without their handler ever having run.")
 def test_poison_item_goes_dead_alone(chaos, chaos_results):
-    """Minimal reproduction: one poison item first in line, four innocent items behind it, one
-    claim of 5 items and one handler thread: the innocents are never even started."""
+    """One poison item first in line, four innocent items behind it, one claim of 5 items and one
+    handler thread. The first crash strands the innocents (never started) with the poison item;
+    rescued, each is run alone, so later crashes cost only the poison item's own attempts."""
     chaos.prepare({"plain": [{"poison": True}] + [{"n": i} for i in range(4)]})
     poison = {min(chaos.submitted)}
     fig = Figures("3b poison", chaos.kind)
