@@ -7,11 +7,10 @@ replaces time.time; libfaketime would do the same from outside, but it is not in
 - A worker an hour ahead that is SIGKILLed must not leave its items stranded for an hour: its
   leases run out on the database's clock, a normal peer rescues them a second or two later.
 
-PostgreSQL computes every lease time with statement_timestamp(): these hold. SQLite is an
-embedded database: its clock is the host's, and conveyor reads it in each worker process with
-Python's time.time(); a process whose clock is shifted writes leases shifted as much and judges its
-peers' by it. On one host every process shares the OS clock, so this takes a process-local shift
-(freezegun / time-machine in a test, libfaketime), but it is a real limitation, marked xfail below.
+PostgreSQL computes every lease time with statement_timestamp(); SQLite with julianday('now'),
+SQLite's own clock (it asks the OS through its VFS), never the process's time.time(). A shift of
+the OS clock itself (libfaketime) would move SQLite's clock too: for an embedded database the host's
+clock is the database's clock, and every process on the host shares it.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ from conveyor.model import Claim
 from .harness import Figures
 
 SKEW = 3600.0
-SQLITE_CLOCK = (
-    "SQLite store: lease times come from each worker process's own time.time() (stores/sqlite.py "
-    "claim/extend_leases/rescue_expired), so a process whose clock is shifted writes leases shifted as "
-    "much and judges its peers' leases by its own clock; PostgreSQL uses statement_timestamp()")
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -44,8 +39,7 @@ def _wait(predicate, timeout: float) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_skewed_workers_neither_rescue_early_nor_get_rescued_early(chaos, chaos_results, request):
-    request.applymarker(pytest.mark.xfail(chaos.kind == "sqlite", reason=SQLITE_CLOCK, strict=True))
+def test_skewed_workers_neither_rescue_early_nor_get_rescued_early(chaos, chaos_results):
     n, held = 24, 8
     chaos.prepare({"plain": [{"n": i} for i in range(n)]})
     fig = Figures("4a clock skew", chaos.kind)
@@ -85,8 +79,7 @@ def test_skewed_workers_neither_rescue_early_nor_get_rescued_early(chaos, chaos_
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_killed_skewed_worker_is_rescued_on_the_database_clock(chaos, chaos_results, request):
-    request.applymarker(pytest.mark.xfail(chaos.kind == "sqlite", reason=SQLITE_CLOCK, strict=True))
+def test_killed_skewed_worker_is_rescued_on_the_database_clock(chaos, chaos_results):
     n = 6
     chaos.prepare({"plain": [{"n": i} for i in range(n)]})
     fig = Figures("4b clock skew", chaos.kind)

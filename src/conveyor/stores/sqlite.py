@@ -129,6 +129,9 @@ SELECT value ->> 1, value -> 0, value ->> 2, value ->> 3, value ->> 4, ?2, ?2
   FROM json_each(?1) ORDER BY key
 """
 
+_NOW = "(julianday('now') - 2440587.5) * 86400.0"  # the database clock, unix seconds
+_CLOCK_SQL = f"SELECT {_NOW}"
+
 _SETTLE_CLEAR = "lease_owner = NULL, lease_expires_at = NULL"
 
 # Settling statements take the whole batch as one JSON array of [id, token, ...] and return the ids
@@ -279,6 +282,13 @@ class SQLiteStore:
                     conn.close()
         self._local = threading.local()
 
+    @staticmethod
+    def _clock(conn: sqlite3.Connection) -> float:
+        """The database's clock in unix seconds: SQLite's own (its VFS asks the OS, with millisecond
+        resolution), not this process's time.time(), which a library or test may shift. Read inside
+        the transaction it is used in, so time spent waiting for the write lock is not lost."""
+        return conn.execute(_CLOCK_SQL).fetchone()[0]
+
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
         conn = self._conn()
@@ -337,12 +347,13 @@ class SQLiteStore:
 
     # -- submit ---------------------------------------------------------------------------------
     def submit_many(self, items: Sequence[NewItem], conn: Any = None) -> list[int | None]:
-        now = time.time()
         if conn is not None and conn is not getattr(self._local, "conn", None):
             # The caller's own connection and transaction: insert there, commit nothing. The items
             # exist if and only if the caller commits.
-            return self._insert_rows(self._callers(conn), items, now)
+            callers = self._callers(conn)
+            return self._insert_rows(callers, items, self._clock(callers))
         with self.transaction() as own:
+            now = self._clock(own)
             if any(it.dedup_key is not None for it in items):
                 return self._insert_rows(own, items, now)
             # No dedup keys, so no conflicts: inside our write lock AUTOINCREMENT hands out the next
@@ -382,7 +393,7 @@ class SQLiteStore:
 
     def _claim_rows(self, conn: sqlite3.Connection, claim: Claim, owner: str) -> list[Any]:
         sql = _CLAIM_ORDERED_SQL if claim.ordered else _CLAIM_SQL
-        rows = conn.execute(sql, (owner, time.time(), claim.lease_seconds, new_token(), claim.max_attempts,
+        rows = conn.execute(sql, (owner, self._clock(conn), claim.lease_seconds, new_token(), claim.max_attempts,
                                   claim.queue, claim.limit)).fetchall()
         if rows:
             self._local.last_change = time.monotonic()  # busy: keep idle polling brisk (wait_for_change)
@@ -397,8 +408,8 @@ class SQLiteStore:
     def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
         """A worker's whole cycle in one write transaction; rows become Items after the commit,
         so the write lock is held for SQL only."""
-        now = time.time()
         with self.transaction() as conn:
+            now = self._clock(conn)
             lost = self._fenced(_RESOLVE_SQL, outcomes.resolved, now, conn)
             lost += self._fenced(_RETRY_SQL, outcomes.retried, now, conn)
             lost += self._fenced(_FAIL_SQL, outcomes.failed, now, conn)
@@ -407,14 +418,18 @@ class SQLiteStore:
         return lost, [self._items(rows) for rows in batches]
 
     # -- settle ---------------------------------------------------------------------------------
-    def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float, conn: Any = None) -> list[int]:
+    def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], when: float | None = None, conn: Any = None,
+                offset: float = 0.0) -> list[int]:
+        """Run a batch settle statement; `when` defaults to the database clock (+ offset)."""
         if not entries:
             return []
         batch = orjson.dumps(entries).decode()
         if conn is not None:
-            return refused(entries, [r[0] for r in conn.execute(sql, (batch, when))])
+            at = self._clock(conn) + offset if when is None else when
+            return refused(entries, [r[0] for r in conn.execute(sql, (batch, at))])
         with self.transaction() as own:
-            accepted = [r[0] for r in own.execute(sql, (batch, when))]
+            at = self._clock(own) + offset if when is None else when
+            accepted = [r[0] for r in own.execute(sql, (batch, at))]
         return refused(entries, accepted)
 
     # -- async transactional handlers -----------------------------------------------------------
@@ -440,27 +455,27 @@ class SQLiteStore:
 
     async def resolve_in(self, conn: sqlite3.Connection, tokens: Sequence[Token]) -> list[int]:
         """Resolve inside an async_transaction(); returns the refused ids."""
-        return self._fenced(_RESOLVE_SQL, tokens, time.time(), conn)
+        return self._fenced(_RESOLVE_SQL, tokens, conn=conn)
 
     def resolve(self, tokens: Sequence[Token]) -> list[int]:
-        return self._fenced(_RESOLVE_SQL, tokens, time.time())
+        return self._fenced(_RESOLVE_SQL, tokens)
 
     def retry(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
-        return self._fenced(_RETRY_SQL, entries, time.time())
+        return self._fenced(_RETRY_SQL, entries)
 
     def fail(self, entries: Sequence[tuple[int, int, str]]) -> list[int]:
-        return self._fenced(_FAIL_SQL, entries, time.time())
+        return self._fenced(_FAIL_SQL, entries)
 
     def release(self, tokens: Sequence[Token]) -> list[int]:
-        return self._fenced(_RELEASE_SQL, tokens, time.time())
+        return self._fenced(_RELEASE_SQL, tokens)
 
     # -- leases ---------------------------------------------------------------------------------
     def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
-        return self._fenced(_EXTEND_SQL, tokens, time.time() + lease_seconds)
+        return self._fenced(_EXTEND_SQL, tokens, offset=lease_seconds)
 
     def rescue_expired(self) -> list[tuple[int, str]]:
         with self.transaction() as conn:
-            return [(r[0], r[1]) for r in conn.execute(_RESCUE_SQL, (time.time(),)).fetchall()]
+            return [(r[0], r[1]) for r in conn.execute(_RESCUE_SQL, (self._clock(conn),)).fetchall()]
 
     # -- operators ------------------------------------------------------------------------------
     def get(self, item_id: int) -> Item:
@@ -471,7 +486,7 @@ class SQLiteStore:
 
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         conn = self._conn()
-        now = time.time()
+        now = self._clock(conn)
         where, args = "", []
         if queues:
             where = f"WHERE queue IN ({','.join('?' * len(queues))})"
@@ -508,19 +523,18 @@ class SQLiteStore:
                 raise ItemNotFound(f"no item with id {item_id}")
             if row[0] not in ("pending", "in_progress"):
                 raise UsageError(f"item {item_id} is {row[0]}: only pending or in-progress items can be cancelled")
-            now = time.time()
+            now = self._clock(conn)
             conn.execute(
                 f"UPDATE conveyor_items SET state = 'cancelled', finished_at = ?, updated_at = ?, claim_token = NULL, {_SETTLE_CLEAR} WHERE id = ?",
                 (now, now, item_id),
             )
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
-        now = time.time()
         sql = (
-            "UPDATE conveyor_items SET state = 'pending', attempts = 0, run_at = ?, finished_at = NULL, updated_at = ? "
-            "WHERE queue = ? AND state IN ('dead', 'cancelled')"
+            f"UPDATE conveyor_items SET state = 'pending', attempts = 0, run_at = ({_NOW}), finished_at = NULL, "
+            f"updated_at = ({_NOW}) WHERE queue = ? AND state IN ('dead', 'cancelled')"
         )
-        args: list[Any] = [now, now, queue]
+        args: list[Any] = [queue]
         if ids is not None:
             if not ids:
                 return 0
@@ -530,8 +544,8 @@ class SQLiteStore:
             return conn.execute(sql, args).rowcount
 
     def purge(self, queue: str, older_than_seconds: float) -> int:
-        cutoff = time.time() - older_than_seconds
         with self.transaction() as conn:
+            cutoff = self._clock(conn) - older_than_seconds
             return conn.execute(
                 "DELETE FROM conveyor_items WHERE queue = ? AND state IN ('resolved', 'dead', 'cancelled') AND finished_at < ?",
                 (queue, cutoff),
