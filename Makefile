@@ -22,5 +22,15 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.throughput
 
+# the whole suite, both stores (bench/README.md); needs the bench extras (matplotlib for the chart)
+.PHONY: bench-all bench-quick
+bench-all: $(BIN)/.installed
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m bench
+
+bench-quick: $(BIN)/.installed
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m bench --quick
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -81,7 +81,23 @@ def machine() -> dict:
         "sqlite_version": sqlite3.sqlite_version,
         "cores": os.cpu_count(),
         "platform": platform.platform(terse=True),
+        "code": code_version(),
     }
+
+
+def code_version() -> str | None:
+    """The commit measured, '+dirty' if src/ has uncommitted changes (others edit it while benches run)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git: say nothing rather than fail the run
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def cpu_seconds() -> float:
@@ -90,3 +106,126 @@ def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# -- shared by the suite's workloads (latency, steady, bigtable, horizon, scaling, memory) --------
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STORES = ("sqlite", "postgres")
+
+
+@contextlib.contextmanager
+def fresh_url(store: str, pg_admin: str = PG_ADMIN_URL, tmpdir: str | None = None, suffix: str = "") -> Iterator[str]:
+    """A fresh, empty database of either store: a SQLite temp file, or CREATE DATABASE (dropped after)."""
+    if store == "sqlite":
+        with sqlite_database(tmpdir) as path:
+            yield f"sqlite:///{path}"
+    else:
+        with pg_database(pg_admin, suffix=suffix) as url:
+            yield url
+
+
+def stores_from(choice: str, pg_admin: str = PG_ADMIN_URL, console=None) -> list[str]:
+    """'sqlite' | 'postgres' | 'all' → the stores to run; PostgreSQL dropped (with the reason) if down."""
+    stores = list(STORES) if choice == "all" else [choice]
+    if "postgres" in stores:
+        problem = pg_problem(pg_admin)
+        if problem:
+            if choice == "postgres":
+                raise SystemExit(f"{problem}")
+            (console.print if console else print)(f"skipping postgres: {problem}")
+            stores.remove("postgres")
+    return stores
+
+
+def base_line(workload: str, store: str, pg_admin: str = PG_ADMIN_URL, **params) -> dict:
+    """The fields every result line starts with: when, what, where, and how loaded the machine was."""
+    import datetime as dt
+
+    line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "workload": workload, "store": store, **params,
+            "loadavg_1m_before": round(os.getloadavg()[0], 2)}
+    m = machine()
+    if store == "postgres":
+        m.pop("sqlite_version")
+        with contextlib.suppress(Exception):
+            m["pg_version"] = pg_version(pg_admin).split()[0]
+    line.update(m)
+    return line
+
+
+def record(workload: str, line: dict, json_out: str | None = None) -> None:
+    """Close a result line (load after), append it to results/<workload>.jsonl, print it."""
+    import json
+
+    line["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    path = json_out if json_out is not None else os.path.join(RESULTS_DIR, f"{workload}.jsonl")
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    print(json.dumps(line), flush=True)
+
+
+def percentile(values, q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ratio(a, b, digits: int = 2):
+    return None if a is None or b in (None, 0) else round(a / b, digits)
+
+
+def start_process(target, *args):
+    """Fork a process running target(*args) (closures are fine: fork, not spawn)."""
+    import multiprocessing
+
+    p = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=False)
+    p.start()
+    return p
+
+
+def stop_process(p, timeout: float = 30.0) -> int | None:
+    """SIGTERM (conveyor's supervisor and worker stop gracefully on it), then SIGKILL if it lingers."""
+    import signal
+
+    if p.is_alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGTERM)
+    p.join(timeout)
+    if p.is_alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        p.join(5)
+    return p.exitcode
+
+
+def run_workers(make_app, processes: int):
+    """Fork a process running `make_app().run_worker(processes=N)` until SIGTERM. With N == 1 that
+    process is the worker itself (its pid is the worker's); with N > 1 it is the supervisor."""
+
+    def main() -> None:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        app = make_app()
+        app.run_worker(processes=processes)
+
+    return start_process(main)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,4 +1,3 @@
-import conveyor
 
 
 def test_drain_resolves_every_item_once(app):

@@ -3,10 +3,11 @@
 One worker process runs:
 - the *cycle* (the thread that calls `run`): settles the outcomes gathered since the last cycle
   and claims the next batches in one store transaction, then hands items to the lanes;
-- one *lane* per processor: `concurrency` threads for sync handlers, or `concurrency` tasks on a
-  shared event-loop thread for `async def` handlers;
-- a *keeper* thread: heartbeats (extends the leases of every item held) and rescues items whose
-  leases expired, on its own connection, so a busy or blocked handler never stops the heartbeat.
+- one *lane* per processor (lanes.py): `concurrency` threads for sync handlers, or `concurrency`
+  tasks on a shared event-loop thread for `async def` handlers;
+- a *keeper* thread (keeper.py): heartbeats (extends the leases of every item held) and rescues
+  items whose leases expired, on its own connection, so a busy or blocked handler never stops the
+  heartbeat; and a *watchdog* thread for timeout_seconds.
 The worker speaks to the Store protocol only; it never sees SQL.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import collections
 import signal
 import socket
 import threading
@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import Fail, LeaseLost, Retry, StoreError, UsageError
 from .model import Claim, Item, Outcomes
+from .keeper import keep_leases, watch_timeouts
+from .lanes import IDLE_MAX, SETTLED, Lane
 from .retry import backoff_delay
 
 if TYPE_CHECKING:
-    from .app import App, Processor
+    from .app import App
 
 log = logging.getLogger("conveyor.worker")
 
 FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
 FLUSH_MAX = 1000  # outcomes settled in one statement at most
-IDLE_MAX = 0.5  # longest idle sleep between claims when no wake-up arrives
-POLL_MIN = 0.005  # first re-poll of a queue that came back short, doubling up to IDLE_MAX
 
 
 def worker_name() -> str:
@@ -45,230 +45,6 @@ def worker_name() -> str:
 
 def error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).strip()
-
-
-class Lane:
-    """One processor's share of a worker: its in-flight items and the runners that handle them."""
-
-    def __init__(self, worker: "Worker", processor: "Processor"):
-        self.worker = worker
-        self.processor = processor
-        self.opts = processor.options
-        self.claim = Claim(self.opts.queue, self.opts.batch_size, self.opts.lease_seconds,
-                           self.opts.max_attempts, self.opts.ordered)
-        b, c = self.opts.batch_size, self.opts.concurrency
-        self.capacity = (c + 1) * b if self.opts.batch else c + b
-        self.inflight: dict[int, Item] = {}
-        self.lock = threading.Lock()
-        #: (id, token) of claims whose lease the heartbeat found lost: not worth starting
-        self.lost: set[tuple[int, int]] = set()
-        #: the last claim came back short: claim again on a change, or at poll_at (backing off)
-        self.dry = False
-        self.poll_at = 0.0
-        self.poll_gap = POLL_MIN
-        self.handoff = Handoff()
-        self.async_q: asyncio.Queue[Any] | None = None
-        self.threads: list[threading.Thread] = []
-        #: thread ident → (monotonic start, items) of the sync handler runs under way
-        self.running: dict[int, tuple[float, list[Item]]] = {}
-        #: threads given up on by timeout: their late results are dropped, then they retire
-        self.abandoned: set[int] = set()
-        #: a claimed item whose last worker died holding it, waiting to run alone (Worker._run_suspect)
-        self.suspects: collections.deque[Item] = collections.deque()
-
-    # -- claiming -------------------------------------------------------------------------------
-    def wanted(self) -> int:
-        """How many items to claim now (0: not now)."""
-        free = self.capacity - len(self.inflight)
-        b = self.opts.batch_size
-        if self.opts.batch:
-            return b if free >= b else 0
-        if not self.inflight:
-            return min(b, free)
-        return min(b, free) if free >= max(1, b // 2) else 0
-
-    def tokens(self) -> list[tuple[int, int]]:
-        with self.lock:
-            return [(i, it.claim_token) for i, it in self.inflight.items()]  # type: ignore[misc]
-
-    def accept(self, items: list[Item], asked: int) -> None:
-        with self.lock:
-            for it in items:
-                self.inflight[it.id] = it
-        if len(items) < asked:
-            self.mark_dry()
-        else:
-            self.dry, self.poll_gap = False, POLL_MIN
-        if any(is_suspect(it) for it in items):
-            # Hold one suspect to run alone; give the others back unstarted (their attempt
-            # refunded), so a crash while the one runs strands nothing else.
-            suspects = [it for it in items if is_suspect(it)]
-            items = [it for it in items if not is_suspect(it)]
-            if not any(lane.suspects for lane in self.worker.lanes.values()):
-                self.suspects.append(suspects.pop(0))
-            if suspects:
-                self.worker.record_release(suspects)
-        self.dispatch(items)
-
-    def dispatch(self, items: list[Item]) -> None:
-        if not items:
-            return
-        units: list[Any] = [items] if self.opts.batch else items
-        if self.processor.is_async:
-            loop, q = self.worker.loop, self.async_q
-            assert loop is not None and q is not None
-            loop.call_soon_threadsafe(_put_all, q, units)
-        else:
-            self.handoff.put_many(units)
-
-    def mark_dry(self) -> None:
-        self.dry = True
-        self.poll_at = time.monotonic() + self.poll_gap
-        self.poll_gap = min(IDLE_MAX, self.poll_gap * 2)
-
-    def ready(self, now: float) -> bool:
-        """Worth a claim now: not dry, or dry long enough to poll (delayed items come due silently)."""
-        return not self.dry or now >= self.poll_at
-
-    def settled(self, claims: Sequence[Sequence[Any]]) -> int:
-        """Forget settled claims, each given as (id, token, ...). Matching the token too matters: a
-        rescued item may be claimed again by this same worker while its old run still finishes.
-        Returns how many were held."""
-        held = 0
-        with self.lock:
-            for entry in claims:
-                i, token = entry[0], entry[1]
-                it = self.inflight.get(i)
-                if it is not None and it.claim_token == token:
-                    del self.inflight[i]
-                    held += 1
-                self.lost.discard((i, token))
-        return held
-
-    # -- running --------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self.processor.is_async:
-            return  # tasks are started by the worker on its event loop
-        for _ in range(self.opts.concurrency):
-            self.add_thread()
-
-    def add_thread(self) -> None:
-        t = threading.Thread(target=self._thread_main, name=f"conveyor-{self.opts.queue}-{len(self.threads)}", daemon=True)
-        t.start()
-        self.threads.append(t)
-
-    def _thread_main(self) -> None:
-        me = threading.get_ident()
-        while True:
-            unit = self.handoff.get()
-            if unit is None:
-                break
-            items = unit if isinstance(unit, list) else [unit]
-            if self.worker.stopping or all((it.id, it.claim_token) in self.lost for it in items):
-                self.worker.record_release(items)
-                continue
-            with self.lock:
-                self.running[me] = (time.monotonic(), items)
-            exc = self.worker.run_sync(self, items)
-            with self.lock:
-                self.running.pop(me, None)
-                given_up = me in self.abandoned
-                self.abandoned.discard(me)  # a thread started later may get the same ident
-            if given_up:
-                log.warning("handler for %r returned after its timeout: result dropped, thread retired",
-                            self.opts.queue)
-                break
-            if exc is not _SETTLED:
-                self.worker._record_result(self, items, exc)
-        self.worker.app.store.disconnect()
-
-    def given_up(self) -> bool:
-        """True in a handler thread that timed out (checked before a transactional commit)."""
-        with self.lock:
-            return threading.get_ident() in self.abandoned
-
-    def expire_overdue(self) -> list[list[Item]]:
-        """Give up on sync handler runs past timeout_seconds; returns their items."""
-        timeout = self.opts.timeout_seconds
-        if timeout is None or not self.running:
-            return []
-        now = time.monotonic()
-        overdue: list[list[Item]] = []
-        with self.lock:
-            for ident, (started, items) in list(self.running.items()):
-                if now - started > timeout:
-                    del self.running[ident]
-                    self.abandoned.add(ident)
-                    overdue.append(items)
-        return overdue
-
-    async def task_main(self) -> None:
-        assert self.async_q is not None
-        while True:
-            unit = await self.async_q.get()
-            if unit is None:
-                break
-            items = unit if isinstance(unit, list) else [unit]
-            if self.worker.stopping:
-                self.worker.record_release(items)
-                continue
-            await self.worker.run_async(self, items)
-
-    def drain_unstarted(self) -> list[Item]:
-        """Take back what no runner has started yet (at shutdown)."""
-        taken: list[Item] = list(self.suspects)
-        self.suspects.clear()
-        for unit in self.handoff.drain():
-            taken.extend(unit if isinstance(unit, list) else [unit])
-        return taken
-
-
-class Handoff:
-    """Work for handler threads: many units put with one wake-up, taken one at a time, so a slow
-    item never holds up others while a thread is free. A woken thread wakes the next idle one only
-    while work is left over, so quick handlers don't pay for waking threads they don't need."""
-
-    def __init__(self) -> None:
-        self._units: collections.deque[Any] = collections.deque()
-        self._cv = threading.Condition(threading.Lock())
-        self._idle = 0
-        self._closed = False
-
-    def put_many(self, units: list[Any]) -> None:
-        with self._cv:
-            self._units.extend(units)
-            if self._idle:
-                self._cv.notify(1)
-
-    def get(self) -> Any:
-        """The next unit, or None once closed and empty."""
-        with self._cv:
-            while not self._units:
-                if self._closed:
-                    return None
-                self._idle += 1
-                self._cv.wait()
-                self._idle -= 1
-            unit = self._units.popleft()
-            if self._units and self._idle:
-                self._cv.notify(1)
-            return unit
-
-    def drain(self) -> list[Any]:
-        with self._cv:
-            units = list(self._units)
-            self._units.clear()
-        return units
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-
-
-def _put_all(q: "asyncio.Queue[Any]", units: list[Any]) -> None:
-    for unit in units:
-        q.put_nowait(unit)
 
 
 class Worker:
@@ -353,7 +129,7 @@ class Worker:
             self._record(lambda o: o.retried.extend(entries), len(items))
 
     def run_sync(self, lane: Lane, items: list[Item]) -> BaseException | None | object:
-        """Run a sync handler; returns its exception, None on success, or _SETTLED when a
+        """Run a sync handler; returns its exception, None on success, or SETTLED when a
         transactional run settled the items itself."""
         arg: Any = items if lane.opts.batch else items[0]
         if lane.opts.transactional:
@@ -386,7 +162,7 @@ class Worker:
         if lane.opts.ordered:
             lane.dry = False  # the next item of this key may start now
         self.wake.set()
-        return _SETTLED
+        return SETTLED
 
     def _count(self, key: str, n: int) -> None:
         with self._out_lock:
@@ -442,12 +218,6 @@ class Worker:
         with self._out_lock:
             out, self._out = self._out, Outcomes()
         return out
-
-    def _lane_of(self, item_id: int) -> Lane | None:
-        for lane in self.lanes.values():
-            if item_id in lane.inflight:
-                return lane
-        return None
 
     def _wants(self) -> list[tuple[Lane, int]]:
         if self.stopping or any(lane.suspects for lane in self.lanes.values()):
@@ -649,13 +419,15 @@ class Worker:
         for lane in self.lanes.values():
             lane.start()
         self._keeper_stop = threading.Event()
-        self._keeper = threading.Thread(target=self._keeper_main, name="conveyor-keeper", daemon=True)
+        self._keeper = threading.Thread(target=keep_leases, args=(self, self._keeper_stop), name="conveyor-keeper",
+                                        daemon=True)
         self._keeper.start()
         if any(lane.opts.timeout_seconds for lane in self.lanes.values()):
             # its own thread, touching no database: the keeper can sit blocked in a heartbeat for as
             # long as the database stalls (SQLite's write lock held, by a hung transactional handler
             # say), and a timeout checked there would fire only after the hung run had finished
-            self._watchdog = threading.Thread(target=self._watchdog_main, name="conveyor-watchdog", daemon=True)
+            self._watchdog = threading.Thread(target=watch_timeouts, args=(self, self._keeper_stop),
+                                              name="conveyor-watchdog", daemon=True)
             self._watchdog.start()
 
     def _loop_main(self, ready: threading.Event) -> None:
@@ -696,57 +468,6 @@ class Worker:
             for t in lane.threads:
                 t.join(timeout=0.5)
 
-    def _keeper_main(self) -> None:
-        store = self.app.store
-        next_beat = time.monotonic() + self.heartbeat_interval
-        next_rescue = time.monotonic()
-        while not self._keeper_stop.is_set():
-            now = time.monotonic()
-            try:
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_interval
-                    for lane in self.lanes.values():
-                        tokens = lane.tokens()
-                        if tokens:
-                            refused = store.extend_leases(tokens, lane.opts.lease_seconds)
-                            if refused:
-                                # an item settled meanwhile (a transactional commit, say) was refused
-                                # for being done, not lost: only what we still hold counts
-                                asked = dict(tokens)
-                                with lane.lock:
-                                    lost = [(i, asked[i]) for i in refused
-                                            if i in lane.inflight and lane.inflight[i].claim_token == asked[i]]
-                                    lane.lost.update(lost)
-                                if lost:
-                                    log.warning("heartbeat: lease lost on item(s) %s", [i for i, _ in lost][:20])
-                if now >= next_rescue:
-                    next_rescue = now + self.rescue_interval
-                    rescued = store.rescue_expired()
-                    if rescued:
-                        self._count("rescued", len(rescued))
-                        dead = sum(1 for _, s in rescued if s == "dead")
-                        log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), dead)
-                        self.app.wakeup.set()
-            except Exception as exc:  # the keeper must outlive a database hiccup
-                log.warning("heartbeat/rescue failed, will retry: %s", exc)
-            self._keeper_stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
-        self.app.store.disconnect()
-
-    def _watchdog_main(self) -> None:
-        while not self._keeper_stop.wait(self.timeout_check):
-            self._expire_overdue()
-
-    def _expire_overdue(self) -> None:
-        for lane in self.lanes.values():
-            for items in lane.expire_overdue():
-                timeout = lane.opts.timeout_seconds
-                log.warning("handler for %r ran past timeout_seconds=%g on item(s) %s: abandoned, item(s) retried",
-                            lane.opts.queue, timeout, [it.id for it in items][:10])
-                exc = TimeoutError(f"handler ran past timeout_seconds={timeout:g}; its thread was abandoned")
-                self._record_result(lane, items, exc)
-                if not self.stopping:
-                    lane.add_thread()  # keep `concurrency` threads at work
-
     # -- stopping -------------------------------------------------------------------------------
     def stop(self, force: bool = False) -> None:
         """Ask the worker to stop: claim nothing more, finish what runs (within shutdown_timeout),
@@ -776,18 +497,6 @@ class Worker:
                 signal.signal(s, h)
 
         return restore
-
-
-#: returned by run_sync when a transactional run settled its items itself
-_SETTLED = object()
-
-
-RESCUED = "lease expired"  # how a rescue starts last_error (stores' _RESCUE_SQL)
-
-
-def is_suspect(item: Item) -> bool:
-    """Claimed again after its last worker died holding it."""
-    return item.attempts > 1 and (item.last_error or "").startswith(RESCUED)
 
 
 class _AnyEvent:
