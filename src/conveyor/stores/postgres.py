@@ -213,8 +213,12 @@ _SETTLE_CLEAR = "lease_owner = NULL, lease_expires_at = NULL"
 # Settling statements take the whole batch as parallel arrays and return the ids they accepted (and
 # whether the change may let an idle worker claim something: then the transaction notifies).
 _BATCH = "FROM unnest(%(ids)s::bigint[], %(toks)s::bigint[], %(b2)s::text[], %(b3)s::text[]) AS b(bid, btok, b2, b3)"
+# id = ANY(ids) besides the join: the rows are then always found through the primary key, even by
+# the generic plan psycopg's prepared statements end up with (which otherwise may hash- or loop-join
+# the whole batch against every candidate row: measured 2-3x slower per settle on a 1M-row table).
 _FENCE = (
-    "WHERE conveyor_items.id = b.bid AND conveyor_items.claim_token = b.btok "
+    "WHERE conveyor_items.id = ANY(%(ids)s::bigint[]) AND conveyor_items.id = b.bid "
+    "AND conveyor_items.claim_token = b.btok "
     "AND conveyor_items.state = 'in_progress' RETURNING conveyor_items.id, conveyor_items.queue, "
 )
 # wakes: an item back to pending and due now, or a keyed item finished (the next of its key may start)
