@@ -11,9 +11,7 @@ Both run the store's own statements, on connections set up like the store's (UTC
 100 by default; `raw_cycle` is recorded with each result.
 
 The statements (schema, insert, claim, resolve) are imported from conveyor.stores.postgres, as
-raw_sqlite imports SQLite's, so the reference never drifts from the store. If that module cannot be
-imported (it was being written when this bench was), the bench's own copies below are used, which
-follow design.md's PostgreSQL claim; `SQL_SOURCE` says which ran and is recorded with each result.
+raw_sqlite imports SQLite's, so the reference never drifts from the store.
 
 Run alone: python -m bench.raw_postgres [--items 20000] [--processes 2] [--batch-size 100]
 (needs PostgreSQL at $CONVEYOR_BENCH_PG, default postgresql://postgres@127.0.0.1:5432/postgres)
@@ -30,90 +28,31 @@ import time
 
 import psycopg
 
-from conveyor.stores.common import ITEM_COLUMNS
 
 from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, payloads, pg_database
 
-SCHEMA = """
-CREATE TABLE conveyor_items (
-    id               BIGSERIAL PRIMARY KEY,
-    queue            TEXT        NOT NULL,
-    payload          JSONB       NOT NULL,
-    key              TEXT,
-    dedup_key        TEXT,
-    state            TEXT        NOT NULL DEFAULT 'pending'
-                     CHECK (state IN ('pending','in_progress','resolved','dead','cancelled')),
-    priority         INTEGER     NOT NULL DEFAULT 0,
-    run_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
-    attempts         INTEGER     NOT NULL DEFAULT 0,
-    max_attempts     INTEGER,
-    lease_owner      TEXT,
-    lease_expires_at TIMESTAMPTZ,
-    claim_token      BIGINT,
-    last_error       TEXT,
-    created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
-    finished_at      TIMESTAMPTZ
-);
-CREATE INDEX conveyor_items_pending ON conveyor_items (queue, priority DESC, run_at, id) WHERE state = 'pending';
-CREATE INDEX conveyor_items_leases ON conveyor_items (lease_expires_at) WHERE state = 'in_progress';
-CREATE INDEX conveyor_items_status ON conveyor_items (queue, state, finished_at);
-CREATE UNIQUE INDEX conveyor_items_dedup ON conveyor_items (queue, dedup_key) WHERE dedup_key IS NOT NULL;
-"""
+from conveyor.stores import postgres as _store  # the store's own statements, never copies
 
-# ARRAY(SELECT …) runs the SKIP LOCKED pick once, as an init plan, however the UPDATE is planned.
-CLAIM_SQL = f"""
-UPDATE conveyor_items
-   SET state = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s,
-       lease_expires_at = now() + %(lease)s * interval '1 second', claim_token = %(token)s,
-       max_attempts = %(max_attempts)s, updated_at = now()
- WHERE id = ANY(ARRAY(
-       SELECT id FROM conveyor_items
-        WHERE queue = %(queue)s AND state = 'pending' AND run_at <= now()
-        ORDER BY priority DESC, run_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED))
-RETURNING {ITEM_COLUMNS}"""
-
-RESOLVE_SQL = """
-UPDATE conveyor_items AS c
-   SET state = 'resolved', finished_at = now(), updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
-  FROM unnest(%(ids)s::bigint[], %(toks)s::bigint[], %(b2)s::text[], %(b3)s::text[]) AS b(bid, btok, b2, b3)
- WHERE c.id = b.bid AND c.claim_token = b.btok AND c.state = 'in_progress'
-RETURNING c.id"""
-INSERT_SQL = None  # the bench copy inserts with COPY
-
-SQL_SOURCE = "bench copy (conveyor.stores.postgres not importable)"
-try:
-    from conveyor.stores import postgres as _store
-
-    SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
-    CLAIM_SQL = _store._CLAIM_SQL
-    RESOLVE_SQL = _store._RESOLVE_SQL
-    INSERT_SQL = _store._INSERT_SQL
-    CYCLE_SQL = _store._cycle_sql(("resolve",), 1)
-    SQL_SOURCE = "conveyor.stores.postgres"
-except (ImportError, AttributeError):
-    CYCLE_SQL = None
+SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
+CLAIM_SQL = _store._CLAIM_SQL
+RESOLVE_SQL = _store._RESOLVE_SQL
+INSERT_SQL = _store._INSERT_SQL
+CYCLE_SQL = _store._cycle_sql(("resolve",), 1)
+SQL_SOURCE = "conveyor.stores.postgres"
 
 LEASE_SECONDS = 30.0
 MAX_ATTEMPTS = 5
 
 
 def create(url: str, n: int) -> float:
-    """Schema, then N items in one transaction (the store's INSERT, else COPY), then ANALYZE
+    """Schema, then N items in one transaction (the store's INSERT), then ANALYZE
     (design.md's lesson: a fresh table has no statistics). Returns the insert's seconds."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SCHEMA)
         texts = [json.dumps(p, separators=(",", ":")) for p in payloads(n)]
         t0 = time.perf_counter()
         with conn.transaction(), conn.cursor() as cur:
-            if INSERT_SQL is not None:
-                cur.execute(INSERT_SQL, ([QUEUE] * n, texts, [None] * n, [None] * n, [0] * n, [None] * n))
-            else:
-                with cur.copy("COPY conveyor_items (queue, payload) FROM STDIN") as copy:
-                    for text in texts:
-                        copy.write_row((QUEUE, text))
+            cur.execute(INSERT_SQL, ([QUEUE] * n, texts, [None] * n, [None] * n, [0] * n, [None] * n))
         seconds = time.perf_counter() - t0
         conn.execute("ANALYZE conveyor_items")
     return seconds
@@ -131,7 +70,7 @@ def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]", cycle: st
         conn.execute("SET TimeZone TO 'UTC'")
         conn.execute("SET jit = off")
         while True:
-            if cycle == "statement" and CYCLE_SQL is not None:
+            if cycle == "statement":
                 rows = conn.execute(CYCLE_SQL, {
                     "owner": owner, "ids_resolve": "{" + ",".join(map(str, ids)) + "}",
                     "toks_resolve": "{" + ",".join(map(str, tokens)) + "}", "lease_0": LEASE_SECONDS,
@@ -187,7 +126,7 @@ def run(n: int, processes: int, batch_size: int, admin_url: str = PG_ADMIN_URL, 
     return {"raw_seconds": seconds, "raw_per_s": n / seconds,
             "raw_cpu_us_per_item": 1e6 * cpu / n,
             "raw_insert_per_s": n / insert_s,
-            "raw_sql": SQL_SOURCE, "raw_cycle": cycle if CYCLE_SQL is not None else "transaction"}
+            "raw_sql": SQL_SOURCE, "raw_cycle": cycle}
 
 
 def main() -> None:

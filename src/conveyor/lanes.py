@@ -140,6 +140,7 @@ class Lane:
 
     def _thread_main(self) -> None:
         me = threading.get_ident()
+        timed = self.opts.timeout_seconds is not None
         while True:
             unit = self.handoff.get()
             if unit is None:
@@ -148,18 +149,22 @@ class Lane:
             if self.worker.stopping or all((it.id, it.claim_token) in self.lost for it in items):
                 self.worker.record_release(items)
                 continue
-            with self.lock:
-                self.running[me] = (time.monotonic(), items)
+            if timed:  # the watchdog's bookkeeping, only where there is a timeout to watch
+                with self.lock:
+                    self.running[me] = (time.monotonic(), items)
             exc = self.worker.run_sync(self, items)
-            with self.lock:
-                self.running.pop(me, None)
-                given_up = me in self.abandoned
-                self.abandoned.discard(me)  # a thread started later may get the same ident
-            if given_up:
-                log.warning("handler for %r returned after its timeout: result dropped, thread retired",
-                            self.opts.queue)
-                break
-            if exc is not SETTLED:
+            if timed:
+                with self.lock:
+                    self.running.pop(me, None)
+                    given_up = me in self.abandoned
+                    self.abandoned.discard(me)  # a thread started later may get the same ident
+                if given_up:
+                    log.warning("handler for %r returned after its timeout: result dropped, thread retired",
+                                self.opts.queue)
+                    break
+            if exc is None:
+                self.worker.record_resolved(items)
+            elif exc is not SETTLED:
                 self.worker._record_result(self, items, exc)
         self.worker.app.store.disconnect()
 

@@ -77,6 +77,7 @@ class Worker:
         self.stopping = False
         self.forced = False
         self.wake = threading.Event()
+        self._solo: tuple[Lane, Item] | None = None  # a suspect running alone
         self._out = Outcomes()
         self._out_lock = threading.Lock()
         self._out_first = 0.0
@@ -101,6 +102,16 @@ class Worker:
             if before == 0:
                 self._out_first = time.monotonic()
         if before == 0 or after >= self._flush_at:
+            self.wake.set()
+
+    def record_resolved(self, items: list[Item]) -> None:
+        """The hot path: a handler returned."""
+        with self._out_lock:
+            before = len(self._out)
+            self._out.resolved.extend([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+            if before == 0:
+                self._out_first = time.monotonic()
+        if before == 0 or before + len(items) >= self._flush_at:
             self.wake.set()
 
     def record_release(self, items: list[Item]) -> None:
@@ -220,8 +231,8 @@ class Worker:
         return out
 
     def _wants(self) -> list[tuple[Lane, int]]:
-        if self.stopping or any(lane.suspects for lane in self.lanes.values()):
-            return []  # nothing new while suspects wait to run alone
+        if self.stopping or self._alone() or any(lane.suspects for lane in self.lanes.values()):
+            return []  # nothing new while a suspect waits to run alone, or runs
         now = time.monotonic()
         return [(lane, n) for lane in self.lanes.values() if lane.ready(now) and (n := lane.wanted())]
 
@@ -360,7 +371,19 @@ class Worker:
         item = lane.suspects.popleft()
         log.warning("running item %s of %r alone: the worker that held it died (attempt %s/%s)",
                     item.id, lane.opts.queue, item.attempts, lane.opts.max_attempts)
+        self._solo = (lane, item)
         lane.dispatch([item])
+
+    def _alone(self) -> bool:
+        """True while a suspect runs alone (until its outcome is settled)."""
+        if self._solo is None:
+            return False
+        lane, item = self._solo
+        held = lane.inflight.get(item.id)
+        if held is not None and held.claim_token == item.claim_token:
+            return True
+        self._solo = None
+        return False
 
     def _restore_outcomes(self, out: Outcomes) -> None:
         """A settle failed: put its outcomes back in front of any gathered since."""

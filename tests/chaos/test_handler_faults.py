@@ -96,5 +96,6 @@ def test_poison_item_goes_dead_alone(chaos, chaos_results):
     chaos_results(fig)
     if innocent_dead:
         raise CollateralDeath(f"innocent items dead with the poison item (state, attempts): {innocent_dead}; "
-                              f"never called: {sorted(set(innocent_dead) - called)}")
+                              f"never called: {sorted(set(innocent_dead) - called)}\n"
+                              f"{chaos.output(sup, tail=200)}")
     chaos.verify(fig, must_die=poison)
