@@ -609,6 +609,59 @@ def test_heartbeats_keep_a_long_handler_leased(app):
     assert counts["rescued"] == 0 and counts["lost"] == 0
 
 
+def _peer_rescues_while(app, done: threading.Event) -> list:
+    """Play a peer worker: rescue expired leases every 50 ms until `done`; returns what it rescued."""
+    rescued: list = []
+
+    def loop():
+        while not done.wait(0.05):
+            rescued.extend(app.store.rescue_expired())
+
+    threading.Thread(target=loop, daemon=True).start()
+    return rescued
+
+
+def test_heartbeat_beats_while_an_async_handler_blocks_the_event_loop(app):
+    lease, calls, done = 0.5, [], threading.Event()
+
+    @app.processor("q", lease_seconds=lease, max_attempts=3)
+    async def handle(item):
+        calls.append(item.attempts)
+        time.sleep(3 * lease)  # blocks the whole event loop, not just this task
+
+    a = app.submit("q", 1)
+    rescued = _peer_rescues_while(app, done)
+    try:
+        counts = drain(app)
+    finally:
+        done.set()
+    assert calls == [1] and rescued == []
+    assert app.get(a).state == State.RESOLVED and app.get(a).attempts == 1
+    assert counts["lost"] == 0
+
+
+def test_heartbeat_beats_while_a_sync_handler_keeps_the_cpu_busy(app):
+    lease, calls, done = 0.5, [], threading.Event()
+
+    @app.processor("q", lease_seconds=lease, max_attempts=3)
+    def handle(item):
+        calls.append(item.attempts)
+        end = time.monotonic() + 3 * lease
+        n = 0
+        while time.monotonic() < end:  # pure-Python busy loop, holding the GIL as long as it may
+            n += 1
+
+    a = app.submit("q", 1)
+    rescued = _peer_rescues_while(app, done)
+    try:
+        counts = drain(app)
+    finally:
+        done.set()
+    assert calls == [1] and rescued == []
+    assert app.get(a).state == State.RESOLVED and app.get(a).attempts == 1
+    assert counts["lost"] == 0
+
+
 def test_worker_rescues_items_of_a_crashed_worker(app):
     from conveyor.model import Claim
 
