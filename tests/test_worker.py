@@ -654,6 +654,31 @@ def test_heartbeat_beats_while_the_handler_hogs_its_thread(app, hog):
     assert counts["lost"] == 0
 
 
+def test_worker_prunes_finished_items_older_than_prune_after(app):
+    @app.processor("q")
+    def handle(item):
+        if item.payload == "fail":
+            raise Fail("dead, and old enough to prune")
+
+    old = [app.submit("q", p) for p in ("a", "b", "fail")]
+    drain(app)
+    time.sleep(0.4)
+    fresh = [app.submit("q", p) for p in ("c", "d")]
+    running = WorkerThread(app, prune_after=0.3).start()
+
+    def gone(item_id):
+        try:
+            app.get(item_id)
+        except conveyor.ItemNotFound:
+            return True
+        return False
+
+    wait_until(lambda: all(gone(i) for i in old), what="old finished items pruned")
+    wait_until(lambda: all(app.get(i).state == State.RESOLVED for i in fresh), what="fresh items resolved")
+    running.stop()
+    assert app.stats()["q"]["resolved"] == 2 and app.stats()["q"]["dead"] == 0
+
+
 def test_worker_rescues_items_of_a_crashed_worker(app):
     from conveyor.model import Claim
 

@@ -323,17 +323,23 @@ class App:
         stop_when_empty: bool = False,
         shutdown_timeout: float = 30.0,
         install_signal_handlers: bool = True,
+        prune_after: dt.timedelta | float | None = None,
     ) -> Mapping[str, int]:
         """Run workers for the given queues (default: every registered processor) until stopped
         (SIGINT/SIGTERM) or, with stop_when_empty, until those queues have nothing pending or in
-        progress. processes > 1 runs that many worker processes under a supervisor."""
+        progress. processes > 1 runs that many worker processes under a supervisor. prune_after
+        (a timedelta or seconds): the workers also delete their queues' resolved, dead and
+        cancelled items once finished that long ago, keeping the table small."""
         from .supervisor import run_supervised
         from .worker import Worker
 
         if not isinstance(processes, int) or processes < 1:
             raise UsageError(f"processes must be an integer >= 1, not {processes!r}")
+        if isinstance(prune_after, dt.timedelta):
+            prune_after = prune_after.total_seconds()
         if processes > 1:
             return run_supervised(self, queues, processes=processes, stop_when_empty=stop_when_empty,
-                                  shutdown_timeout=shutdown_timeout)
-        worker = Worker(self, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout)
+                                  shutdown_timeout=shutdown_timeout, prune_after=prune_after)
+        worker = Worker(self, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
+                        prune_after=prune_after)
         return worker.run(install_signal_handlers=install_signal_handlers)

@@ -54,11 +54,11 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], format="%(message)s", force=True)
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str = "--older-than") -> float:
     """7d, 12h, 30m, 45s, 2w, or plain seconds → seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
     if not m:
-        raise UsageError(f"--older-than {text!r} is not a duration: use a number with s, m, h, d or w (e.g. 7d)")
+        raise UsageError(f"{option} {text!r} is not a duration: use a number with s, m, h, d or w (e.g. 7d)")
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
     return float(m.group(1)) * unit
 
@@ -185,17 +185,20 @@ def load_app(spec: str) -> App:
 @click.option("--stop-when-empty", is_flag=True, help="Exit once the queues have nothing pending or in progress.")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=float,
               help="Seconds to let running handlers finish after SIGINT/SIGTERM.")
+@click.option("--prune-after", default=None, metavar="AGE",
+              help="Also delete the queues' resolved, dead and cancelled items this old (e.g. 7d).")
 @click.pass_context
 @friendly
 def worker(ctx: click.Context, app_spec: str, queues: tuple[str, ...], processes: int, stop_when_empty: bool,
-           shutdown_timeout: float) -> None:
+           shutdown_timeout: float, prune_after: str | None) -> None:
     """Run workers for MODULE:APP until stopped (Ctrl-C / SIGTERM finish in-flight work first)."""
     app = load_app(app_spec)
     if ctx.obj["db"]:
         app.close()
         app.url = ctx.obj["db"]
     app.run_worker(list(queues) or None, processes=processes, stop_when_empty=stop_when_empty,
-                   shutdown_timeout=shutdown_timeout)
+                   shutdown_timeout=shutdown_timeout,
+                   prune_after=None if prune_after is None else parse_duration(prune_after, "--prune-after"))
 
 
 # -- status ---------------------------------------------------------------------------------------

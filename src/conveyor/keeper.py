@@ -1,7 +1,8 @@
 """Maintenance threads of a worker process, each on its own connection or none:
 
-- the keeper extends the leases of every item the worker holds (heartbeat) and rescues items whose
-  lease expired, whoever held them (safe from any number of workers at once: one fenced statement);
+- the keeper extends the leases of every item the worker holds (heartbeat), rescues items whose
+  lease expired, whoever held them, and, with prune_after, deletes finished items that old from its
+  queues; each one statement, safe from any number of workers at once;
 - the watchdog gives up on handler runs past timeout_seconds; it touches no database, so a stalled
   database (SQLite's write lock held by a hung transactional handler, say) cannot delay it.
 """
@@ -23,7 +24,7 @@ def keep_leases(self: "Worker", stop: threading.Event) -> None:
     """Heartbeat and rescue, until `stop` is set."""
     store = self.app.store
     next_beat = time.monotonic() + self.heartbeat_interval
-    next_rescue = time.monotonic()
+    next_rescue = next_prune = time.monotonic()
     while not stop.is_set():
         now = time.monotonic()
         try:
@@ -51,6 +52,9 @@ def keep_leases(self: "Worker", stop: threading.Event) -> None:
                     dead = sum(1 for _, s in rescued if s == "dead")
                     log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), dead)
                     self.app.wakeup.set()
+            if self.prune_after is not None and now >= next_prune:
+                next_prune = now + self.prune_interval
+                prune(self)
         except Exception as exc:  # the keeper must outlive a database hiccup
             log.warning("heartbeat/rescue failed, will retry: %s", exc)
         stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
@@ -71,3 +75,12 @@ def expire_overdue(self: "Worker") -> None:
             self._record_result(lane, items, exc)
             if not self.stopping:
                 lane.add_thread()  # keep `concurrency` threads at work
+
+
+def prune(self: "Worker") -> None:
+    """Keep the hot table small: delete the worker's queues' finished items older than prune_after."""
+    assert self.prune_after is not None
+    for queue in self.queues:
+        n = self.app.store.purge(queue, self.prune_after)
+        if n:
+            log.info("pruned %d finished item(s) of %r older than %gs", n, queue, self.prune_after)

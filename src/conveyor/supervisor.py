@@ -26,14 +26,16 @@ log = logging.getLogger("conveyor.supervisor")
 RESTART_BACKOFF_MAX = 10.0
 
 
-def _child_main(app: "App", queues: Sequence[str] | None, stop_when_empty: bool, shutdown_timeout: float) -> None:
+def _child_main(app: "App", queues: Sequence[str] | None, stop_when_empty: bool, shutdown_timeout: float,
+                prune_after: float | None = None) -> None:
     from .worker import Worker
 
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
-    worker = Worker(app, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout)
+    worker = Worker(app, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
+                    prune_after=prune_after)
 
     def watch_parent() -> None:
         while not worker.stopping:
@@ -62,15 +64,16 @@ def run_supervised(
     processes: int,
     stop_when_empty: bool = False,
     shutdown_timeout: float = 30.0,
+    prune_after: float | None = None,
 ) -> dict[str, Any]:
     """Run `processes` workers; restart any that die unexpectedly; return when all have stopped."""
     from .worker import Worker
 
-    Worker(app, queues)  # validates the queues here, in the parent, with a clear error
+    Worker(app, queues, prune_after=prune_after)  # validates here, in the parent, with a clear error
     app.migrate()  # once, before the children race for it
     app.close()  # no connection may cross a fork
     ctx = multiprocessing.get_context("fork")
-    args = (app, queues, stop_when_empty, shutdown_timeout)
+    args = (app, queues, stop_when_empty, shutdown_timeout, prune_after)
     children: dict[int, Any] = {}
     started: dict[int, float] = {}
     done: set[int] = set()

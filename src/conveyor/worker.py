@@ -58,8 +58,13 @@ class Worker:
         stop_when_empty: bool = False,
         shutdown_timeout: float = 30.0,
         name: str | None = None,
+        prune_after: float | None = None,
     ):
         self.app = app
+        if prune_after is not None and (not isinstance(prune_after, (int, float)) or prune_after < 0):
+            raise UsageError(f"prune_after must be a number of seconds >= 0, not {prune_after!r}")
+        #: delete this worker's queues' resolved, dead and cancelled items once they are this old
+        self.prune_after = prune_after
         if not app.processors:
             raise UsageError("no processors are registered on this App: decorate a handler with @app.processor('queue')")
         chosen = list(queues) if queues else list(app.processors)
@@ -90,6 +95,7 @@ class Worker:
         min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
         self.heartbeat_interval = max(0.05, min_lease / 3)
         self.rescue_interval = max(0.25, min(5.0, min_lease / 2))
+        self.prune_interval = max(10.0, min(600.0, (prune_after or 0) / 10))
         timeouts = [lane.opts.timeout_seconds for lane in self.lanes.values() if lane.opts.timeout_seconds]
         self.timeout_check = max(0.02, min([1.0] + [t / 5 for t in timeouts]))
 
