@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
 from typing import Any, Iterable, Sequence
 
@@ -17,16 +16,6 @@ UTC = dt.timezone.utc
 def new_token() -> int:
     """A fresh claim token: 63 random bits, so it fits a signed 64-bit column on every backend."""
     return secrets.randbits(63)
-
-
-def to_datetime(value: Any) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    return dt.datetime.fromtimestamp(value, UTC)
-
-
-def decode_payload(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
 def refused(requested: Sequence[tuple[Any, ...]], accepted: Iterable[int]) -> list[int]:

@@ -361,7 +361,7 @@ class PostgresStore:
             # milliseconds and never pays back on these short statements (it fired on bulk submits).
             conn.execute("SET TimeZone TO 'UTC'")
             conn.execute("SET jit = off")
-            # payload arrives as its JSON text, decoded by common.decode_payload like SQLite's (a JSON
+            # payload arrives as its JSON text, decoded by common.row_to_item like SQLite's (a JSON
             # string payload would otherwise come back already decoded and be decoded twice)
             conn.adapters.register_loader("json", psycopg.types.string.TextLoader)
         except psycopg.Error as exc:
