@@ -368,6 +368,25 @@ def test_sigterm_releases_unstarted_items_and_finishes_running_ones(env, app):
     assert s["pending"] == n - len(called) > 0
 
 
+@pytest.mark.slow
+def test_second_sigterm_stops_at_once_and_the_running_item_is_retried(env, app):
+    (item,) = submit(app, 1)
+    p = env.worker("--shutdown-timeout", "60", batch=1, concurrency=1, sleep=30)
+    wait_for(lambda: len(env.calls()) >= 1, 20, "the item running", p)
+    p.send_signal(signal.SIGTERM)  # graceful: would wait up to 60 s for the 30 s handler
+    time.sleep(0.3)
+    assert p.poll() is None, "the first signal must not stop a worker with a handler running"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)  # the second: stop now
+    _, err = finish(p, 10)
+    assert time.monotonic() - t0 < 5, "a second signal must stop the worker at once"
+    assert "Traceback" not in err, err[-3000:]
+    it = app.get(item)
+    # given up on, not lost: back to pending for a retry, its attempt counted, the reason kept
+    assert it.state == conveyor.State.PENDING and it.attempts == 1, it
+    assert "shut down" in (it.last_error or ""), it.last_error
+
+
 # -- 5. the supervisor restarts a crashed child -------------------------------------------------
 @pytest.mark.slow
 def test_supervisor_restarts_a_crashed_child(env, app):

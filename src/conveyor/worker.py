@@ -314,7 +314,7 @@ class Worker:
                 pause = min(5.0, 0.05 * 2 ** min(trouble, 10))
                 log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause,
                             f"{type(exc).__name__}: {exc}".strip())
-                if self.stopping and deadline is not None and time.monotonic() > deadline:
+                if self.stopping and (self.forced or deadline is not None and time.monotonic() > deadline):
                     log.warning("giving up at shutdown: unsettled items will be rescued when their leases expire")
                     return
                 self.wake.wait(pause)
@@ -348,7 +348,7 @@ class Worker:
         if self.stopping:
             if inflight == 0:
                 return "stop"
-            if deadline is not None and time.monotonic() > deadline:
+            if self.forced or deadline is not None and time.monotonic() > deadline:  # a second signal: now
                 self._abandon_running()
                 return "stop"
         elif (
