@@ -133,6 +133,15 @@ def test_purge_deletes_only_finished_items_older_than_the_cutoff(store):
     assert store.purge("q", 3600) == 0
 
 
+def test_purge_with_no_age_limit_takes_an_item_finished_this_instant(store):
+    # the database clock has millisecond steps on SQLite: "older than 0 s" must include "now"
+    for _ in range(5):
+        done = _finish(store, "q", "resolved")
+        assert store.purge("q", 0) == 1
+        with pytest.raises(ItemNotFound):
+            store.get(done)
+
+
 def test_purge_of_an_empty_queue_is_zero(store):
     assert store.purge("nothing", 0) == 0
 

@@ -870,7 +870,7 @@ class PostgresStore:
         with self.transaction():
             return self._run(
                 "DELETE FROM conveyor_items WHERE queue = %s AND state IN ('resolved', 'dead', 'cancelled') "
-                "AND finished_at < statement_timestamp() - %s * interval '1 second'",
+                "AND finished_at <= statement_timestamp() - %s * interval '1 second'",
                 (queue, float(older_than_seconds)),
             ).rowcount
 

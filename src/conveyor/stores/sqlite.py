@@ -547,7 +547,7 @@ class SQLiteStore:
         with self.transaction() as conn:
             cutoff = self._clock(conn) - older_than_seconds
             return conn.execute(
-                "DELETE FROM conveyor_items WHERE queue = ? AND state IN ('resolved', 'dead', 'cancelled') AND finished_at < ?",
+                "DELETE FROM conveyor_items WHERE queue = ? AND state IN ('resolved', 'dead', 'cancelled') AND finished_at <= ?",
                 (queue, cutoff),
             ).rowcount
 
