@@ -179,6 +179,43 @@ def test_one_bad_payload_stores_nothing_of_the_batch(app):
     assert app.stats() == {}
 
 
+@pytest.mark.parametrize("bad", [NotJSON(), float("nan"), 2**64, {"when": dt.datetime.now()}])
+def test_one_bad_payload_stores_nothing_of_a_bulk_batch(app, bad):
+    # large enough for the stores' bulk paths (PostgreSQL's COPY, SQLite's one JSON document):
+    # the bad payload is met mid-stream, the batch is rolled back, and the error names it
+    payloads: list = [{"i": i} for i in range(1000)]
+    payloads[700] = bad
+    with pytest.raises(UsageError, match="item 700"):
+        app.submit_many("q", payloads)
+    assert app.stats() == {}
+    assert app.submit_many("q", payloads[:700]) == 700  # the connection is fine afterwards
+
+
+BULK_PAYLOADS = ["text", "", 0, -7, 2**63 - 1, 1.5, 1e-300, None, True, False, [], {}, [1, [None, "x"]],
+                 {"nested": {"a": [1.25, None]}, "ünïcode": "日本", "quote\"": "back\\slash"}, "nul \u0000 inside"]
+
+
+@pytest.mark.parametrize("size", [len(BULK_PAYLOADS), 40 * len(BULK_PAYLOADS)])
+def test_submit_many_round_trips_every_kind_of_payload(app, size):
+    payloads = (BULK_PAYLOADS * 40)[:size]
+    later = time.time() + 3600
+    assert app.submit_many("q", payloads, priority=3, run_at=later) == size
+    items = [app.get(i) for i in sorted(_ids(app, "q"))]
+    assert [it.payload for it in items] == payloads
+    assert {it.priority for it in items} == {3}
+    assert all(abs(it.run_at.timestamp() - later) < 0.01 for it in items)
+    assert {it.state for it in items} == {State.PENDING} and {it.key for it in items} == {None}
+
+
+def _ids(app, queue):
+    store = app.store
+    if hasattr(store, "path"):
+        with store.transaction() as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM conveyor_items WHERE queue = ?", (queue,))]
+    with store.transaction() as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM conveyor_items WHERE queue = %s", (queue,))]
+
+
 @pytest.mark.parametrize("queue", ["", "has space", "tab\there", "new\nline", 12, None, "x" * 201])
 def test_invalid_queue_name(app, queue):
     with pytest.raises(UsageError, match="queue name"):

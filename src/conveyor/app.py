@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
-import json
 import os
 import re
 import threading
@@ -13,8 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import orjson
 
+from .codec import encode as _encode
+from .codec import encode_payload, name_the_culprit
 from .errors import UsageError
 from .model import Item, NewItem, QueueOptions
 from .stores.base import Store, open_store
@@ -42,33 +42,6 @@ def check_queue_name(queue: Any) -> str:
     if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
         raise UsageError(f"queue name {queue!r} is invalid: use 1-200 characters with no spaces or control characters")
     return queue
-
-
-_std_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-# orjson does the common case ~10x faster; anything it treats differently from the standard library
-# goes to the stdlib, which decides: datetimes, dataclasses and subclasses are passed through (so
-# they fail or are handled as json.dumps would), and orjson writes NaN/Infinity as null, so output
-# containing null is re-encoded by the stdlib, which refuses non-finite numbers.
-_ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
-
-
-def _encode(payload: Any) -> str:
-    try:
-        out = orjson.dumps(payload, option=_ORJSON_OPTS)
-    except TypeError as exc:  # non-str keys, passed-through types: the stdlib's verdict
-        if "64-bit" in str(exc):  # items are decoded with orjson too, which would turn these into floats
-            raise ValueError("an integer does not fit in 64 bits; send such numbers as strings") from None
-        return _std_encode(payload)
-    if b"null" in out:
-        return _std_encode(payload)
-    return out.decode()
-
-
-def encode_payload(payload: Any, where: str) -> str:
-    try:
-        return _encode(payload)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: payload is not JSON-serialisable ({exc})") from None
 
 
 def to_timestamp(run_at: Any, where: str) -> float | None:
@@ -237,13 +210,25 @@ class App:
             raise UsageError(f"{where}: priority must be an integer, not {priority!r}")
         when = to_timestamp(run_at, where)
         payloads = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
+        if key is None and dedup_key is None and conn is None:
+            # fast path: the checks above done once, the store encodes the payloads as it sends
+            # them (see Store.submit_payloads); on a payload that cannot be encoded nothing is
+            # stored, and the slow path names it
+            if not payloads:
+                return 0
+            try:
+                stored = self.store.submit_payloads(queue, payloads, when, priority)
+            except (TypeError, ValueError):
+                name_the_culprit(payloads, where)
+                raise
+            self.wakeup.set()
+            return stored
         if key is None and dedup_key is None:
-            # fast path: one C-level encode per payload, the checks above done once
             try:
                 items = [NewItem(queue, _encode(p), None, None, when, priority) for p in payloads]
             except (TypeError, ValueError):
-                items = [NewItem(queue, encode_payload(p, f"{where}, item {n}"), None, None, when, priority)
-                         for n, p in enumerate(payloads)]
+                name_the_culprit(payloads, where)
+                raise
         else:
             items = [
                 NewItem(queue, encode_payload(p, f"{where}, item {n}"), _pick(key, p, "key", f"{where}, item {n}"),

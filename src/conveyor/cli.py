@@ -19,7 +19,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .app import App, check_queue_name, encode_payload
+from .app import App, check_queue_name
+from .codec import encode_payload
 from .errors import ConveyorError, UsageError
 from .model import STATES, NewItem
 

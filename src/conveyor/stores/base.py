@@ -34,6 +34,13 @@ class Store(Protocol):
         caller's open transaction) the items are inserted there and nothing is committed: they
         exist if and only if the caller commits."""
 
+    def submit_payloads(self, queue: str, payloads: Sequence[Any], run_at: float | None, priority: int) -> int:
+        """Store payloads as items of one queue, all with the same run_at (unix seconds; None: now)
+        and priority and no key or dedup key, in one transaction; returns how many were stored.
+        The store encodes them (conveyor.codec) as it sends them, so encoding overlaps the
+        database's work. A payload that cannot be encoded raises TypeError or ValueError from
+        codec.encode, and nothing is stored."""
+
     def find_dedup(self, queue: str, dedup_key: str, conn: Any = None) -> int | None:
         """The id of the item stored under this dedup key, if any (seen from `conn` if given)."""
 

@@ -22,6 +22,7 @@ import orjson
 
 _dumps = lambda value: orjson.dumps(value).decode()  # noqa: E731
 
+from ..codec import encode_rows
 from ..errors import ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, NewItem, Outcomes
 from .base import Token
@@ -123,6 +124,12 @@ ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 """
 
 # [[payload, queue, key, priority, run_at], ...]: items without dedup keys, so nothing conflicts
+# [[payload], ...]: one queue's items, no keys, one run_at and priority (Store.submit_payloads)
+_INSERT_PAYLOADS_SQL = """
+INSERT INTO conveyor_items (queue, payload, priority, run_at, created_at, updated_at)
+SELECT ?2, value -> 0, ?3, ?4, ?5, ?5 FROM json_each(?1) ORDER BY key
+"""
+
 _INSERT_BATCH_SQL = """
 INSERT INTO conveyor_items (queue, payload, key, priority, run_at, created_at, updated_at)
 SELECT value ->> 1, value -> 0, value ->> 2, value ->> 3, value ->> 4, ?2, ?2
@@ -367,6 +374,14 @@ class SQLiteStore:
             own.execute(_INSERT_BATCH_SQL, (doc, now))
         first = (before[0] if before else 0) + 1
         return list(range(first, first + len(items)))
+
+    def submit_payloads(self, queue: str, payloads: Sequence[Any], run_at: float | None, priority: int) -> int:
+        """One JSON document of every payload (a single orjson call, see codec.encode_rows) that
+        SQLite takes apart in C: no Python work per item. Encoded before the write lock is taken."""
+        doc = encode_rows(payloads)
+        with self.transaction() as own:
+            now = self._clock(own)
+            return own.execute(_INSERT_PAYLOADS_SQL, (doc, queue, priority, now if run_at is None else run_at, now)).rowcount
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, items: Sequence[NewItem], now: float) -> list[int | None]:
