@@ -266,6 +266,47 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
             conn.execute("ALTER TABLE conveyor_items RESET (autovacuum_enabled)")
 
 
+# -- migrations --------------------------------------------------------------------------------
+
+
+def test_migration_3_keeps_every_count_and_swaps_the_indexes(pg_url):
+    """A database left at migration 2 (one index over every item), holding items in every state,
+    is brought to 3 by the next store to open it: the same counts, the finished and running items
+    found through the new partial indexes, the old indexes gone."""
+    from conveyor.stores.postgres import MIGRATIONS
+
+    with admin(pg_url) as conn:
+        conn.execute("DROP TABLE IF EXISTS conveyor_items, conveyor_migrations")
+        conn.execute("CREATE TABLE conveyor_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                     "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for version, name, sql in MIGRATIONS[:2]:
+            conn.execute(sql)
+            conn.execute("INSERT INTO conveyor_migrations (version, name) VALUES (%s, %s)", (version, name))
+        conn.execute("""INSERT INTO conveyor_items (queue, payload, state, finished_at, lease_expires_at, key)
+                        SELECT 'q' || (i % 2), '{}', (ARRAY['pending','in_progress','resolved','dead','cancelled'])[1 + i % 5],
+                               CASE WHEN i % 5 >= 2 THEN now() - interval '1 hour' END,
+                               CASE WHEN i % 5 = 1 THEN now() + interval '1 hour' END,
+                               CASE WHEN i % 3 = 0 THEN 'k' || (i % 7) END
+                          FROM generate_series(1, 1000) AS i""")
+        expected = {(q, st): n for q, st, n in conn.execute(
+            "SELECT queue, state, count(*) FROM conveyor_items GROUP BY queue, state")}
+    store = PostgresStore(pg_url)
+    try:
+        assert store.migrate() == [3]
+        stats = store.stats()
+        got = {(q, st): stats[q][st] for q in stats for st in conveyor.model.STATES if stats[q][st]}
+        assert got == expected
+        assert store.stats(["q1"])["q1"]["dead"] == expected[("q1", "dead")]
+        with admin(pg_url) as conn:
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'conveyor_items'")}
+            assert {"conveyor_items_finished", "conveyor_items_running"} <= indexes
+            assert not indexes & {"conveyor_items_status", "conveyor_items_leases"}
+        assert store.purge("q0", 60) == expected[("q0", "resolved")] + expected[("q0", "dead")] + expected[("q0", "cancelled")]
+        assert store.has_work(["q0"])
+    finally:
+        store.close()
+
+
 # -- ordered queues ----------------------------------------------------------------------------
 
 

@@ -87,6 +87,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE state = 'pending' AND key IS NULL;
         """,
     ),
+    (
+        3,
+        "partial indexes for finished and running items instead of one over every item",
+        # conveyor_items_status indexed every row, so each submit, claim and settle wrote an entry
+        # there too (updates that change `state` are never HOT). Pending items are counted through
+        # the claim index, running ones through conveyor_items_running (which also serves rescue
+        # and the running keys of ordered claims), finished ones through conveyor_items_finished
+        # (stats, purge, prune, requeue). A submit now writes 3 index entries instead of 4 and a
+        # claim 2 instead of 3. Building the new indexes on a large table blocks writes for as
+        # long as they take (seconds per million rows).
+        """
+        CREATE INDEX IF NOT EXISTS conveyor_items_finished ON conveyor_items (queue, state, finished_at)
+            WHERE state IN ('resolved', 'dead', 'cancelled');
+        CREATE INDEX IF NOT EXISTS conveyor_items_running ON conveyor_items (queue, lease_expires_at)
+            WHERE state = 'in_progress';
+        DROP INDEX IF EXISTS conveyor_items_status;
+        DROP INDEX IF EXISTS conveyor_items_leases;
+        """,
+    ),
 ]
 
 # payload is JSON, not JSONB: measured, bulk COPY costs the same either way (220 vs 227 ms for 20k),
@@ -306,7 +325,14 @@ def _bigints(values: Any) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-_COUNTS_SQL = "SELECT queue, state, count(*) FROM conveyor_items {where} GROUP BY queue, state"
+# one branch per partial index, so each count reads its own index, never the whole table
+_COUNTS_SQL = """
+SELECT queue, 'pending', count(*) FROM conveyor_items WHERE state = 'pending' {where} GROUP BY queue
+UNION ALL
+SELECT queue, 'in_progress', count(*) FROM conveyor_items WHERE state = 'in_progress' {where} GROUP BY queue
+UNION ALL
+SELECT queue, state, count(*) FROM conveyor_items WHERE state IN ('resolved', 'dead', 'cancelled') {where}
+ GROUP BY queue, state"""
 # The oldest due pending item, found by a loose index scan over the claim index: one probe per
 # distinct priority (the first entry of each priority has its smallest run_at), so stats stay cheap
 # with a deep backlog.
@@ -854,7 +880,7 @@ class PostgresStore:
 
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         if queues:
-            counts = self._run(_COUNTS_SQL.format(where="WHERE queue = ANY(%s)"), (list(queues),)).fetchall()
+            counts = self._run(_COUNTS_SQL.format(where="AND queue = ANY(%(q)s)"), {"q": list(queues)}).fetchall()
         else:
             counts = self._run(_COUNTS_SQL.format(where="")).fetchall()
         names = sorted({c[0] for c in counts} | set(queues or []))
