@@ -609,16 +609,18 @@ def test_heartbeats_keep_a_long_handler_leased(app):
     assert counts["rescued"] == 0 and counts["lost"] == 0
 
 
-def _peer_rescues_while(app, done: threading.Event) -> list:
-    """Play a peer worker: rescue expired leases every 50 ms until `done`; returns what it rescued."""
+def _peer_rescues_while(app, done: threading.Event) -> tuple[list, threading.Thread]:
+    """Play a peer worker: rescue expired leases every 50 ms until `done`; returns what it rescued
+    and its thread (join it before the app closes)."""
     rescued: list = []
 
     def loop():
         while not done.wait(0.05):
             rescued.extend(app.store.rescue_expired())
 
-    threading.Thread(target=loop, daemon=True).start()
-    return rescued
+    peer = threading.Thread(target=loop, daemon=True)
+    peer.start()
+    return rescued, peer
 
 
 def _spin(seconds: float) -> None:
@@ -644,11 +646,12 @@ def test_heartbeat_beats_while_the_handler_hogs_its_thread(app, hog):
             _spin(3 * lease)
 
     a = app.submit("q", 1)
-    rescued = _peer_rescues_while(app, done)
+    rescued, peer = _peer_rescues_while(app, done)
     try:
         counts = drain(app)
     finally:
         done.set()
+        peer.join()
     assert calls == [1] and rescued == []  # the peer never found the lease expired
     assert app.get(a).state == State.RESOLVED and app.get(a).attempts == 1
     assert counts["lost"] == 0

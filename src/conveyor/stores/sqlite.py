@@ -203,7 +203,8 @@ class SQLiteStore:
             raise UsageError(f"cannot open SQLite database {self.path!r}: folder {folder!r} does not exist")
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
+        #: every open connection, with the thread it belongs to
+        self._conns: dict[sqlite3.Connection, threading.Thread] = {}
         self._pid = os.getpid()
         self._migrated = False
 
@@ -223,7 +224,7 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:  # forked: never touch the parent's connections
             self._local = threading.local()
-            self._conns = []
+            self._conns = {}
             self._lock = threading.Lock()
             self._pid = os.getpid()
         conn = getattr(self._local, "conn", None)
@@ -232,7 +233,7 @@ class SQLiteStore:
             self._local.conn = conn
             self._local.depth = 0
             with self._lock:
-                self._conns.append(conn)
+                self._conns[conn] = threading.current_thread()
             # a store migrates on its first connection; migrate() reports what that applied
             self._local.applied = [] if self._migrated else self._migrate(conn)
         return conn
@@ -275,19 +276,26 @@ class SQLiteStore:
             return
         self._local.conn = None
         with self._lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
+            self._conns.pop(conn, None)
         with contextlib.suppress(Exception):
             conn.close()
 
     def close(self) -> None:
+        """Close this thread's connection and those of threads that have ended. A connection of a
+        thread still running may be in use right now, and closing a sqlite3 connection under a
+        running statement crashes the process: it is only let go of here, and closes when its
+        thread is done with it (the last reference goes); the thread opens a new one if it uses
+        the store again."""
         with self._lock:
-            conns, self._conns = self._conns, []
-        if os.getpid() == self._pid:
-            for conn in conns:
+            conns, self._conns = self._conns, {}
+        self._local = threading.local()
+        if os.getpid() != self._pid:
+            return
+        me = threading.current_thread()
+        for conn, owner in conns.items():
+            if owner is me or not owner.is_alive():
                 with contextlib.suppress(Exception):
                     conn.close()
-        self._local = threading.local()
 
     @staticmethod
     def _clock(conn: sqlite3.Connection) -> float:
