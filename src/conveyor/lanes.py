@@ -217,14 +217,22 @@ class Handoff:
     def __init__(self) -> None:
         self._units: collections.deque[Any] = collections.deque()
         self._cv = threading.Condition(threading.Lock())
+        #: threads waiting that nobody has woken yet: the waker counts a thread off as it wakes
+        #: it, not the thread once it runs again, which may take a while (it needs the GIL).
+        #: Counted by the woken thread, a busy thread would keep "waking" the same sleepers on
+        #: every unit it takes (measured: 98% of takes did, a fifth of a drain's Python time).
         self._idle = 0
         self._closed = False
+
+    def _wake_one(self) -> None:
+        if self._idle:
+            self._idle -= 1
+            self._cv.notify(1)
 
     def put_many(self, units: list[Any]) -> None:
         with self._cv:
             self._units.extend(units)
-            if self._idle:
-                self._cv.notify(1)
+            self._wake_one()
 
     def get(self) -> Any:
         """The next unit, or None once closed and empty."""
@@ -234,10 +242,9 @@ class Handoff:
                     return None
                 self._idle += 1
                 self._cv.wait()
-                self._idle -= 1
             unit = self._units.popleft()
-            if self._units and self._idle:
-                self._cv.notify(1)
+            if self._units:
+                self._wake_one()
             return unit
 
     def drain(self) -> list[Any]:
@@ -249,6 +256,7 @@ class Handoff:
     def close(self) -> None:
         with self._cv:
             self._closed = True
+            self._idle = 0
             self._cv.notify_all()
 
 
