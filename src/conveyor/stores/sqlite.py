@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from typing import Any, AsyncIterator, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -192,6 +194,30 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+# Writers queue for SQLite's write lock on a lock file beside the database (flock, one open file
+# per thread): a writer that finds the lock taken sleeps in the kernel and wakes the moment the
+# holder lets go. Left to SQLite alone, a writer that finds the lock taken polls it from the busy
+# handler, sleeping 1, 2, 5, 10 … ms between tries, so the lock sat idle for milliseconds at a time
+# while 2 worker processes took turns (measured, 20k no-op items, 2 processes, batch 100: drain
+# 24-32k → 35-44k items/s over three interleaved rounds). SQLite's own lock stays the authority:
+# a process that does not know the lock file (another program, the sqlite3 shell) still gets and
+# respects the write lock as before, and busy_timeout still bounds waiting for it.
+_WRITE_QUEUE_SUFFIX = "-conveyor-lock"
+_queue_files: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _close_inherited_queue_files() -> None:
+    """In a forked child: drop the parent's lock-file descriptors. flock belongs to the open file,
+    which fork shares, so a child holding a copy would keep a lock its parent took alive after the
+    parent died."""
+    for f in list(_queue_files):
+        with contextlib.suppress(Exception):
+            f.close()
+
+
+os.register_at_fork(after_in_child=_close_inherited_queue_files)
+
+
 class SQLiteStore:
     """Store on one SQLite file. Each thread gets its own connection."""
 
@@ -248,33 +274,58 @@ class SQLiteStore:
             finally:
                 self._local.depth -= 1
             return
+        turn = self._queue_file()
+        if turn is not None:
+            fcntl.flock(turn, fcntl.LOCK_EX)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"SQLite database {self.path!r} is locked or unavailable: {exc}") from exc
-        self._local.depth = 1
-        try:
-            yield conn
-        except BaseException as exc:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"SQLite database {self.path!r} is locked or unavailable: {exc}") from exc
+            self._local.depth = 1
+            try:
+                yield conn
+            except BaseException as exc:
+                self._local.depth = 0
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreError(f"SQLite database {self.path!r}: {exc}") from exc
+                raise
             self._local.depth = 0
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
-                raise StoreError(f"SQLite database {self.path!r}: {exc}") from exc
-            raise
-        self._local.depth = 0
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StoreError(f"SQLite database {self.path!r}: commit failed: {exc}") from exc
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"SQLite database {self.path!r}: commit failed: {exc}") from exc
+        finally:
+            if turn is not None:
+                fcntl.flock(turn, fcntl.LOCK_UN)
+
+    def _queue_file(self) -> Any:
+        """This thread's open lock file (see _WRITE_QUEUE_SUFFIX), or None where it cannot be
+        created (a read-only folder: writers then wait in SQLite's busy handler alone)."""
+        f = getattr(self._local, "queue_file", False)
+        if f is False:
+            try:
+                f = open(self.path + _WRITE_QUEUE_SUFFIX, "ab")  # noqa: SIM115 - lives as long as the thread's connection
+            except OSError:
+                f = None
+            else:
+                _queue_files.add(f)
+            self._local.queue_file = f
+        return f
 
     def disconnect(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is None or os.getpid() != self._pid:
             return
         self._local.conn = None
+        turn = getattr(self._local, "queue_file", None)
+        self._local.queue_file = False
+        if turn:
+            turn.close()
         with self._lock:
             self._conns.pop(conn, None)
         with contextlib.suppress(Exception):
