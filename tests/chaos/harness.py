@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import os
 import random
 import signal
@@ -422,13 +423,23 @@ def pg_terminate(chaos: Chaos, rng: random.Random) -> int:
     return n
 
 
-def sqlite_hold_lock(chaos: Chaos, seconds: float) -> None:
-    """Take SQLite's write lock from another connection and sit on it."""
+def sqlite_hold_lock(chaos: Chaos, seconds: float, queued: bool = True) -> None:
+    """Take SQLite's write lock from another connection and sit on it. `queued`: wait for it in
+    conveyor's writer queue (the lock file), as a conveyor writer whose transaction hangs would;
+    else as a program that knows nothing of it, polling SQLite's lock (it gets in only when the
+    workers leave a gap, which under a saturated drain may take seconds)."""
+    from conveyor.stores.sqlite import _WRITE_QUEUE_SUFFIX, sqlite_path
+
     conn = chaos.connect()
+    turn = open(sqlite_path(chaos.url) + _WRITE_QUEUE_SUFFIX, "ab") if queued else None
     try:
+        if turn is not None:
+            fcntl.flock(turn, fcntl.LOCK_EX)
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("UPDATE chaos_effects SET pid = pid WHERE 0")
         time.sleep(seconds)
         conn.execute("COMMIT")
     finally:
         conn.close()
+        if turn is not None:
+            turn.close()  # closing lets go of the flock

@@ -164,3 +164,25 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
         proc.kill()
+
+
+def test_writer_queue_off_takes_no_lock_file(tmp_path):
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'off.db'}?writer_queue=off")
+    try:
+        with store.transaction():
+            assert _lock_is_free(store.path)
+        store.submit_many([NewItem("q", "1")])
+        assert store.stats(["q"])["q"]["pending"] == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("query, words", [("writer_queue=maybe", ["writer_queue", "on or off"]),
+                                          ("journal=wal", ["unknown option", "journal"])])
+def test_bad_sqlite_url_options_are_named(tmp_path, query, words):
+    from conveyor import UsageError
+
+    with pytest.raises(UsageError) as info:
+        SQLiteStore(f"sqlite:///{tmp_path / 'x.db'}?{query}")
+    for word in words:
+        assert word in str(info.value)
