@@ -70,19 +70,24 @@ def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]", cycle: st
         conn.execute("SET TimeZone TO 'UTC'")
         conn.execute("SET jit = off")
         while True:
-            if cycle == "statement":
-                rows = conn.execute(CYCLE_SQL, {
-                    "owner": owner, "ids_resolve": "{" + ",".join(map(str, ids)) + "}",
-                    "toks_resolve": "{" + ",".join(map(str, tokens)) + "}", "lease_0": LEASE_SECONDS,
-                    "token_0": secrets.randbits(63), "max_attempts_0": MAX_ATTEMPTS, "queue_0": QUEUE,
-                    "limit_0": batch_size}).fetchall()
-                resolved += sum(1 for r in rows if r[0] < 0)
-                rows = [r[1:] for r in rows if r[0] >= 0]
-            else:
-                with conn.transaction():
-                    if ids:
-                        resolved += len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": None, "b3": None}).fetchall())
-                    rows = conn.execute(CLAIM_SQL, dict(claim, token=secrets.randbits(63))).fetchall()
+            try:
+                if cycle == "statement":
+                    rows = conn.execute(CYCLE_SQL, {
+                        "owner": owner, "ids_resolve": "{" + ",".join(map(str, ids)) + "}",
+                        "toks_resolve": "{" + ",".join(map(str, tokens)) + "}", "lease_0": LEASE_SECONDS,
+                        "token_0": secrets.randbits(63), "max_attempts_0": MAX_ATTEMPTS, "queue_0": QUEUE,
+                        "limit_0": batch_size}).fetchall()
+                    got = sum(1 for r in rows if r[0] < 0)
+                    rows = [r[1:] for r in rows if r[0] >= 0]
+                else:
+                    with conn.transaction():
+                        got = len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": None, "b3": None}).fetchall()) if ids else 0
+                        rows = conn.execute(CLAIM_SQL, dict(claim, token=secrets.randbits(63))).fetchall()
+            except psycopg.OperationalError as exc:
+                if not (exc.sqlstate or "").startswith("40"):
+                    raise
+                continue  # a deadlock between two cycles: rolled back whole, run it again (as conveyor does)
+            resolved += got
             if not rows:
                 break
             ids = [r[0] for r in rows]

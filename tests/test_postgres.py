@@ -266,6 +266,46 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
             conn.execute("ALTER TABLE conveyor_items RESET (autovacuum_enabled)")
 
 
+# -- deadlocks ---------------------------------------------------------------------------------
+
+
+def test_a_deadlock_rolls_back_and_keeps_the_connection(store, pg_url):
+    """A deadlock (two worker cycles can meet in one, see bench/README) aborts only the victim's
+    transaction: the store reports it as a StoreError, rolls back, and keeps its connection, where
+    a lost connection would be dropped and reopened."""
+    a, b = store.submit_many([new(payload=1), new(payload=2)])
+    seen: dict = {}
+
+    def pid():
+        return store._run("SELECT pg_backend_pid()").fetchone()[0]
+
+    def store_side():
+        seen["pid_before"] = pid()
+        try:
+            with store.transaction():
+                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (a,))
+                time.sleep(0.4)  # meanwhile the other session locks b, then waits for a
+                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (b,))
+        except StoreError as exc:
+            seen["error"] = str(exc)
+        seen["pid_after"] = pid()
+        seen["priority_a"] = store.get(a).priority
+
+    with admin(pg_url) as other:
+        other.execute("SET deadlock_timeout = '20s'")  # so the store's session is the one that detects it
+        other.execute("BEGIN")
+        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (b,))
+        t = threading.Thread(target=store_side)
+        t.start()
+        time.sleep(0.2)
+        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (a,))  # waits: a deadlock
+        other.execute("COMMIT")
+        t.join(30)
+    assert "40P01" in seen.get("error", ""), seen
+    assert seen["pid_after"] == seen["pid_before"], "the connection was dropped for a deadlock"
+    assert seen["priority_a"] == 1  # the store's update of a was rolled back; the other session's stands
+
+
 # -- migrations --------------------------------------------------------------------------------
 
 

@@ -350,6 +350,12 @@ _RECENT_SQL = """SELECT count(*) FROM conveyor_items
  WHERE queue = %s AND state = 'resolved' AND finished_at >= statement_timestamp() - interval '1 minute'"""
 
 
+def _rolled_back(exc: BaseException) -> bool:
+    """A deadlock or serialization failure (SQLSTATE class 40: psycopg gives each its own class,
+    not a common base): the transaction was rolled back, the connection is fine."""
+    return (getattr(exc, "sqlstate", None) or "").startswith("40")
+
+
 def _clean(text: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; an error message that contains one must still be stored."""
     return text.replace("\x00", "\\x00") if text else text
@@ -435,7 +441,11 @@ class PostgresStore:
             conn.close()
 
     def _lost(self, conn: psycopg.Connection[Any], exc: BaseException) -> StoreError:
-        """The connection failed: forget it (the next call reconnects) and say so."""
+        """The connection failed: forget it (the next call reconnects) and say so. A deadlock or
+        serialization failure leaves the connection fine: only the statement's transaction was
+        rolled back, so the connection is kept and the caller retries (the worker's loop does)."""
+        if _rolled_back(exc) and not conn.closed:
+            return StoreError(f"PostgreSQL at {self.where} rolled the transaction back ({exc.sqlstate}): {exc}")
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
             self._local.depth = 0
