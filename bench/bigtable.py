@@ -33,7 +33,7 @@ from rich.table import Table
 import conveyor
 
 from . import raw_postgres, raw_sqlite, throughput
-from .common import (PG_ADMIN_URL, QUEUE, base_line, cpu_seconds, fresh_url, payloads, ratio, record,
+from .common import (PG_ADMIN_URL, QUEUE, base_line, fresh_url, payloads, ratio, record,
                      stores_from)
 
 console = Console(width=max(120, Console().width))
@@ -81,33 +81,6 @@ def prefill(store: str, url: str, rows: int) -> float:
     return time.perf_counter() - t0
 
 
-def conveyor_on_big(url: str, rows: int, n: int, processes: int, batch_size: int, concurrency: int) -> dict:
-    """bench.throughput.run_conveyor's steps, on a table that already holds `rows` resolved items."""
-    app = conveyor.App(url)
-
-    @app.processor(QUEUE, batch_size=batch_size, concurrency=concurrency)
-    def noop(item: conveyor.Item) -> None:
-        pass
-
-    try:
-        orders = payloads(n)
-        t0 = time.perf_counter()
-        stored = app.submit_many(QUEUE, orders)
-        submit_s = time.perf_counter() - t0
-        if stored != n:
-            raise RuntimeError(f"submit_many stored {stored} of {n} items")
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        app.run_worker(processes=processes, stop_when_empty=True)
-        drain_s = time.perf_counter() - t0
-        drain_cpu = cpu_seconds() - c0
-        s = app.stats([QUEUE])[QUEUE]
-        if s["resolved"] != rows + n or s["total"] != rows + n or any(s[k] for k in throughput.OTHER_STATES):
-            raise RuntimeError(f"big table: the store holds {s}; expected {rows + n} resolved and nothing else")
-    finally:
-        app.close()
-    return {"submit_per_s": n / submit_s, "drain_per_s": n / drain_s, "drain_cpu_us_per_item": 1e6 * drain_cpu / n}
-
-
 def raw_on_big(store: str, url: str, rows: int, n: int, processes: int, batch_size: int, conveyor_ran: bool = True) -> dict:
     """N more pending items (the store's INSERT), drained by the raw loop on the same big table."""
     now = time.time()
@@ -147,7 +120,8 @@ def bench_store(store: str, args: argparse.Namespace) -> dict:
         app.migrate()
         app.close()
         line["prefill_seconds"] = round(prefill(store, url, args.rows), 1)
-        big = conveyor_on_big(url, args.rows, args.items, args.processes, args.batch_size, args.concurrency)
+        big = throughput.run_conveyor(url, args.items, args.processes, args.batch_size, args.concurrency,
+                                      resolved_before=args.rows)
         big.update(raw_on_big(store, url, args.rows, args.items, args.processes, args.batch_size))
     line.update({f"big_{k}": round(v, 1) for k, v in big.items()})
     line["big_ratio_submit"] = ratio(line["big_submit_per_s"], line["empty_submit_per_s"])

@@ -53,8 +53,10 @@ def postgres_store_problem() -> str | None:
         return f"conveyor.stores.postgres is not importable ({type(exc).__name__}: {exc})"
 
 
-def run_conveyor(url: str, n: int, processes: int, batch_size: int, concurrency: int) -> dict[str, Any]:
-    """Submit N items through the App, drain them with P worker processes, check the store."""
+def run_conveyor(url: str, n: int, processes: int, batch_size: int, concurrency: int,
+                 resolved_before: int = 0) -> dict[str, Any]:
+    """Submit N items through the App, drain them with P worker processes, check the store (which
+    held `resolved_before` resolved items and nothing else before: bench.bigtable's prefill)."""
     app = conveyor.App(url)
 
     @app.processor(QUEUE, batch_size=batch_size, concurrency=concurrency)
@@ -76,8 +78,9 @@ def run_conveyor(url: str, n: int, processes: int, batch_size: int, concurrency:
         drain_cpu = cpu_seconds() - c0
 
         stats = app.stats([QUEUE])[QUEUE]
-        if stats["resolved"] != n or stats["total"] != n or any(stats[s] for s in OTHER_STATES):
-            raise RuntimeError(f"after the drain the store holds {stats}; expected {n} resolved and nothing else")
+        want = resolved_before + n
+        if stats["resolved"] != want or stats["total"] != want or any(stats[s] for s in OTHER_STATES):
+            raise RuntimeError(f"after the drain the store holds {stats}; expected {want} resolved and nothing else")
     finally:
         app.close()
     return {"submit_seconds": submit_s, "submit_per_s": n / submit_s,
