@@ -4,13 +4,16 @@ the machine a result line records."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import platform
 import resource
 import shutil
 import sqlite3
 import tempfile
-from typing import Iterator
+import time
+from queue import Empty
+from typing import Any, Callable, Iterator
 
 PG_ADMIN_URL = os.environ.get("CONVEYOR_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 QUEUE = "orders"
@@ -229,3 +232,32 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def run_forked(target: Callable[..., None], args: tuple[Any, ...], processes: int, what: str) -> tuple[float, float]:
+    """Run `target(*args, out)` in `processes` forked processes, each putting its count on `out`
+    when done: (seconds from the first fork to the last exit, CPU seconds they used). A process
+    that dies before reporting stops the run with an error naming `what`, rather than leaving it
+    waiting forever for a count that will not come (as a deadlocked raw loop once did)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    procs = [ctx.Process(target=target, args=(*args, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    reported = 0
+    while reported < processes:
+        try:
+            out.get(timeout=0.5)
+            reported += 1
+        except Empty:
+            if any(p.exitcode for p in procs):
+                for p in procs:
+                    p.kill()
+                break
+    for p in procs:
+        p.join()
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"{what} process failed: exit codes {[p.exitcode for p in procs]}")
+    return seconds, cpu

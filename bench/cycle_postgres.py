@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
-import time
+from typing import Any
 
 from conveyor.model import Claim, NewItem, Outcomes
 from conveyor.stores.postgres import PostgresStore
 
 from . import raw_postgres
-from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, payloads, pg_database
+from .common import PG_ADMIN_URL, QUEUE, payloads, pg_database, run_forked
 
 
-def _loop(url: str, variant: str, batch: int, out: "multiprocessing.Queue[int]") -> None:
+def _loop(url: str, variant: str, batch: int, out: Any) -> None:
     store = PostgresStore(url)
     claim = Claim(QUEUE, batch, 30.0, 5)
     held: list[tuple[int, int]] = []
@@ -49,17 +48,7 @@ def _loop(url: str, variant: str, batch: int, out: "multiprocessing.Queue[int]")
 def drain(url: str, variant: str, processes: int, batch: int) -> tuple[float, float]:
     if variant.startswith("raw"):
         return raw_postgres.drain(url, processes, batch, "transaction" if variant == "raw-tx" else "statement")
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    procs = [ctx.Process(target=_loop, args=(url, variant, batch, out)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        out.get()
-    for p in procs:
-        p.join()
-    return time.perf_counter() - t0, cpu_seconds() - c0
+    return run_forked(_loop, (url, variant, batch), processes, f"{variant} loop")
 
 
 def run_once(variant: str, n: int, processes: int, batch: int, admin_url: str) -> tuple[float, float]:

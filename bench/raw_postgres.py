@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import secrets
 import time
+from typing import Any
 
 import psycopg
 
 
-from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, payloads, pg_database
+from .common import PG_ADMIN_URL, QUEUE, payloads, pg_database, run_forked
 
 from conveyor.stores import postgres as _store  # the store's own statements, never copies
 
@@ -58,7 +58,7 @@ def create(url: str, n: int) -> float:
     return seconds
 
 
-def loop(url: str, batch_size: int, out: "multiprocessing.Queue[int]", cycle: str = "statement") -> None:
+def loop(url: str, batch_size: int, cycle: str, out: Any) -> None:
     """One process: resolve what it holds and claim the next batch, in one transaction, until a
     claim comes back empty. Reports how many items it resolved."""
     owner = f"raw:{os.getpid()}"
@@ -103,21 +103,7 @@ def counts(url: str) -> dict[str, int]:
 def drain(url: str, processes: int, batch_size: int, cycle: str = "statement") -> tuple[float, float]:
     """Run the loop in `processes` forked processes: (seconds from the first fork to the last exit,
     CPU seconds they used)."""
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    procs = [ctx.Process(target=loop, args=(url, batch_size, out, cycle)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        out.get()
-    for p in procs:
-        p.join()
-    seconds = time.perf_counter() - t0
-    cpu = cpu_seconds() - c0
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"raw PostgreSQL loop process failed: exit codes {[p.exitcode for p in procs]}")
-    return seconds, cpu
+    return run_forked(loop, (url, batch_size, cycle), processes, "raw PostgreSQL loop")
 
 
 def run(n: int, processes: int, batch_size: int, admin_url: str = PG_ADMIN_URL, cycle: str = "statement") -> dict:

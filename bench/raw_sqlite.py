@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import secrets
 import sqlite3
 import time
+from typing import Any
 
 # The statements themselves come from the store, so the reference never drifts from conveyor.
 from conveyor.stores.sqlite import BUSY_TIMEOUT_MS, MIGRATIONS, _CLAIM_SQL, _INSERT_SQL, _RESOLVE_SQL
 
-from .common import QUEUE, cpu_seconds, payloads, sqlite_database
+from .common import QUEUE, payloads, run_forked, sqlite_database
 
 CLAIM_SQL = _CLAIM_SQL.format(ordered="")
 RESOLVE_SQL = _RESOLVE_SQL
@@ -61,7 +61,7 @@ def create(path: str, n: int) -> float:
     return seconds
 
 
-def loop(path: str, batch_size: int, out: "multiprocessing.Queue[int]") -> None:
+def loop(path: str, batch_size: int, out: Any) -> None:
     """One process: resolve what it holds and claim the next batch, in one transaction, until a
     claim comes back empty. Reports how many items it resolved."""
     conn = connect(path)
@@ -95,21 +95,7 @@ def counts(path: str) -> dict[str, int]:
 def drain(path: str, processes: int, batch_size: int) -> tuple[float, float]:
     """Run the loop in `processes` forked processes: (seconds from the first fork to the last exit,
     CPU seconds they used)."""
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    procs = [ctx.Process(target=loop, args=(path, batch_size, out)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        out.get()
-    for p in procs:
-        p.join()
-    seconds = time.perf_counter() - t0
-    cpu = cpu_seconds() - c0
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"raw SQLite loop process failed: exit codes {[p.exitcode for p in procs]}")
-    return seconds, cpu
+    return run_forked(loop, (path, batch_size), processes, "raw SQLite loop")
 
 
 def run(n: int, processes: int, batch_size: int, tmpdir: str | None = None) -> dict:
