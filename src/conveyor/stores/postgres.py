@@ -112,15 +112,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 # but JSON returns the payload text exactly as submitted (key order, like SQLite) and accepts
 # "\u0000", which JSONB refuses. Index a JSONB expression if payloads must be queried.
 
-# `id = ANY(ARRAY(subquery))` rather than `id IN (subquery)`: the locked ids become one array and the
-# update probes the primary key with it, a plan that cannot turn into a hash join over the whole
-# table when statistics are missing.
-_CLAIM_SQL = """
+# what a claim sets on the items it takes (plain and ordered claims alike)
+_CLAIM_UPDATE = """
 UPDATE conveyor_items
    SET state = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s,
        lease_expires_at = statement_timestamp() + %(lease)s * interval '1 second',
        claim_token = %(token)s, max_attempts = %(max_attempts)s, updated_at = statement_timestamp()
- WHERE id = ANY(ARRAY(
+"""
+
+# `id = ANY(ARRAY(subquery))` rather than `id IN (subquery)`: the locked ids become one array and the
+# update probes the primary key with it, a plan that cannot turn into a hash join over the whole
+# table when statistics are missing.
+_CLAIM_SQL = _CLAIM_UPDATE + """ WHERE id = ANY(ARRAY(
        SELECT c.id FROM conveyor_items AS c
         WHERE c.queue = %(queue)s AND c.state = 'pending' AND c.run_at <= statement_timestamp()
         ORDER BY c.priority DESC, c.run_at, c.id
@@ -163,12 +166,7 @@ WITH RECURSIVE heads(key, id) AS (
      UNION ALL
      SELECT n.key, n.id FROM heads CROSS JOIN LATERAL (
             SELECT key, id FROM conveyor_items WHERE {_KEYED} AND key > heads.key
-             ORDER BY queue, key, id LIMIT 1) AS n)
-UPDATE conveyor_items
-   SET state = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s,
-       lease_expires_at = statement_timestamp() + %(lease)s * interval '1 second',
-       claim_token = %(token)s, max_attempts = %(max_attempts)s, updated_at = statement_timestamp()
- WHERE id = ANY(ARRAY(
+             ORDER BY queue, key, id LIMIT 1) AS n)""" + _CLAIM_UPDATE + f""" WHERE id = ANY(ARRAY(
        SELECT c.id FROM conveyor_items AS c
         WHERE c.id = ANY(ARRAY(
               SELECT cand.id FROM (
