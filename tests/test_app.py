@@ -339,7 +339,11 @@ def test_purge_validation(app):
         app.purge("q", -1)
     with pytest.raises(UsageError, match="queue name"):
         app.purge("bad name", 10)
+    with pytest.raises(UsageError, match="'q' has no items"):
+        app.purge("q", dt.timedelta(days=7))
+    app.submit("q", 1)
     assert app.purge("q", dt.timedelta(days=7)) == 0
+    assert app.purge("q", "7d") == 0
 
 
 def test_cancel_and_requeue_through_the_app(app):

@@ -177,6 +177,7 @@ def test_status_table_and_json(cli, app):
 
 
 def test_status_on_empty_database(cli):
+    assert cli("migrate").returncode == 0
     r = cli("status")
     assert r.returncode == 0, r.stderr
     assert "no items yet" in r.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
+import logging
+import math
 import os
 import re
 import threading
@@ -13,14 +15,22 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
+from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
-from .codec import encode_payload, name_the_culprit
-from .errors import UsageError
+from .durations import Duration, to_seconds
+from .errors import UsageError, shown
 from .model import Item, NewItem, QueueOptions
-from .stores.base import Store, open_store
+from .stores.base import Store, describe_database, open_store
+
+log = logging.getLogger("conveyor")
 
 DEFAULT_URL = "sqlite:///conveyor.db"
 _QUEUE_NAME = re.compile(r"^[^\s\x00-\x1f]{1,200}$")
+#: priority and other integers are stored as signed 64-bit integers on every store
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: run_at must fall in years 1-9999 (what a datetime can hold, and so what an Item can carry)
+RUN_AT_MIN = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc).timestamp()
+RUN_AT_MAX = dt.datetime(9999, 12, 30, tzinfo=dt.timezone.utc).timestamp()
 
 KeySpec = str | Callable[[Any], Any] | None
 
@@ -39,22 +49,42 @@ class Processor:
 
 
 def check_queue_name(queue: Any) -> str:
+    if callable(queue) and not isinstance(queue, str):
+        raise UsageError("a queue name is missing: write @app.processor(\"queue-name\"), not @app.processor")
     if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
-        raise UsageError(f"queue name {queue!r} is invalid: use 1-200 characters with no spaces or control characters")
-    return queue
+        raise UsageError(f"queue name {shown(queue)} is invalid: use 1-200 characters with no spaces or control characters")
+    return check_text(queue, f"queue name {shown(queue)}")
+
+
+def check_priority(priority: Any, where: str) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise UsageError(f"{where}: priority must be an integer, not {shown(priority)}")
+    if not INT64_MIN <= priority <= INT64_MAX:
+        raise UsageError(f"{where}: priority {shown(priority)} does not fit in 64 bits (-2**63 to 2**63-1)")
+    return priority
 
 
 def to_timestamp(run_at: Any, where: str) -> float | None:
-    """run_at may be None (now), an aware or naive (local) datetime, a timedelta from now, or unix seconds."""
+    """run_at may be None (now), an aware datetime, a naive datetime (local time), a timedelta from
+    now, or unix seconds; it must fall in the years 1-9999."""
     if run_at is None:
         return None
-    if isinstance(run_at, dt.datetime):
-        return run_at.timestamp()
-    if isinstance(run_at, dt.timedelta):
-        return time.time() + run_at.total_seconds()
-    if isinstance(run_at, (int, float)) and not isinstance(run_at, bool):
-        return float(run_at)
-    raise UsageError(f"{where}: run_at must be a datetime, a timedelta or unix seconds, not {type(run_at).__name__}")
+    try:
+        if isinstance(run_at, dt.datetime):
+            seconds = run_at.timestamp()
+        elif isinstance(run_at, dt.timedelta):
+            seconds = time.time() + run_at.total_seconds()
+        elif isinstance(run_at, (int, float)) and not isinstance(run_at, bool):
+            seconds = float(run_at)
+        else:
+            raise UsageError(f"{where}: run_at must be a datetime, a timedelta or unix seconds, not {type(run_at).__name__}")
+    except (OverflowError, ValueError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{where}: run_at {shown(run_at)} is out of range ({exc})") from None
+    if not math.isfinite(seconds) or not RUN_AT_MIN <= seconds <= RUN_AT_MAX:
+        raise UsageError(f"{where}: run_at {shown(run_at)} is not a time between the years 1 and 9999")
+    return seconds
 
 
 def _optional_text(value: Any, field: str, where: str) -> str | None:
@@ -65,7 +95,33 @@ def _optional_text(value: Any, field: str, where: str) -> str | None:
     text = str(value)
     if not text:
         raise UsageError(f"{where}: {field} must not be empty")
-    return text
+    return check_text(text, f"{where}: {field} {shown(text)}")
+
+
+def _positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def check_handler(fn: Any, options: QueueOptions) -> None:
+    """Refuse, at registration, a handler that cannot be called the way its items will call it
+    (otherwise every item would spend all its attempts on a TypeError and die)."""
+    where = f"processor for queue {shown(options.queue)}"
+    if not callable(fn):
+        raise UsageError(f"{where}: the handler must be a function, not {type(fn).__name__}")
+    arg = "items" if options.batch else "item"
+    shape = f"({arg}, conn)" if options.transactional else f"({arg})"
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or extension callable without a signature: trust it
+        return
+    try:
+        signature.bind(*([None] * (2 if options.transactional else 1)))
+    except TypeError:
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        why = "a transactional handler is called" if options.transactional else (
+            "a batch handler is called" if options.batch else "a handler is called")
+        raise UsageError(f"{where}: {name}{signature} cannot be called as {name}{shape}: {why} with {shape}") from None
 
 
 def _pick(spec: KeySpec, payload: Any, field: str, where: str) -> str | None:
@@ -80,8 +136,10 @@ class App:
     (and migrated) on first use, not here.
     """
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, *, read_only: bool = False):
         self.url = url or os.environ.get("CONVEYOR_DATABASE_URL") or DEFAULT_URL
+        #: never create, migrate or write the database (status, items, show, a dashboard's reads)
+        self.read_only = read_only
         self.processors: dict[str, Processor] = {}
         self._store: Store | None = None
         self._store_lock = threading.Lock()
@@ -91,13 +149,18 @@ class App:
     def __repr__(self) -> str:
         return f"<conveyor.App {self.url!r} processors={sorted(self.processors)}>"
 
+    def describe_database(self) -> str:
+        """The database this App uses, as a log line says it (a SQLite file's absolute path, a
+        PostgreSQL URL without its password)."""
+        return describe_database(self.url)
+
     # -- the store ------------------------------------------------------------------------------
     @property
     def store(self) -> Store:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    self._store = open_store(self.url)
+                    self._store = open_store(self.url, read_only=self.read_only)
         return self._store
 
     def close(self) -> None:
@@ -129,21 +192,19 @@ class App:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as the handler of `queue`."""
         check_queue_name(queue)
-        where = f"processor for queue {queue!r}"
+        where = f"processor for queue {shown(queue)}"
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("concurrency", concurrency, 1),
             ("max_attempts", max_attempts, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UsageError(f"{where}: {name} must be an integer >= {low}, not {value!r}")
+                raise UsageError(f"{where}: {name} must be an integer >= {low}, not {shown(value)}")
         for name, value in (("lease_seconds", lease_seconds), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise UsageError(f"{where}: {name} must be a number > 0, not {value!r}")
-        if timeout_seconds is not None and (
-            not isinstance(timeout_seconds, (int, float)) or isinstance(timeout_seconds, bool) or timeout_seconds <= 0
-        ):
-            raise UsageError(f"{where}: timeout_seconds must be a number > 0 or None, not {timeout_seconds!r}")
+            if not _positive_number(value):
+                raise UsageError(f"{where}: {name} must be a number > 0, not {shown(value)}")
+        if timeout_seconds is not None and not _positive_number(timeout_seconds):
+            raise UsageError(f"{where}: timeout_seconds must be a number > 0 or None, not {shown(timeout_seconds)}")
         if queue in self.processors:
             raise UsageError(f"{where}: a processor is already registered for this queue")
 
@@ -155,11 +216,24 @@ class App:
         )
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            check_handler(fn, options)
             is_async = asyncio.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
             self.processors[queue] = Processor(options, fn, is_async)
             return fn
 
         return register
+
+    def processors_for(self, queues: Sequence[str] | None = None) -> list[Processor]:
+        """The processors a worker for these queues runs (default: all), or a UsageError naming
+        what is missing."""
+        if not self.processors:
+            raise UsageError("no processors are registered on this App: decorate a handler with @app.processor('queue')")
+        chosen = list(queues) if queues else list(self.processors)
+        unknown = [q for q in chosen if q not in self.processors]
+        if unknown:
+            raise UsageError(f"no processor registered for queue(s) {', '.join(shown(q) for q in unknown)} "
+                             f"(registered: {', '.join(sorted(self.processors))})")
+        return [self.processors[q] for q in chosen]
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(
@@ -179,7 +253,7 @@ class App:
         conn: your own open connection to the same database (sqlite3.Connection or
         psycopg.Connection); the item is inserted inside your transaction and exists if and only if
         you commit it."""
-        item = self._new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {queue!r}")
+        item = self._new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {shown(queue)}")
         (item_id,) = self.store.submit_many([item]) if conn is None else self.store.submit_many([item], conn=conn)
         self.wakeup.set()
         if item_id is None:
@@ -205,9 +279,8 @@ class App:
         whose dedup_key is already stored are skipped). `key` and `dedup_key` may be a string or a
         function of the payload. With `conn`, inside your own transaction (see submit)."""
         check_queue_name(queue)
-        where = f"submit_many to {queue!r}"
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise UsageError(f"{where}: priority must be an integer, not {priority!r}")
+        where = f"submit_many to {shown(queue)}"
+        check_priority(priority, where)
         when = to_timestamp(run_at, where)
         payloads = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
         if key is None and dedup_key is None and conn is None:
@@ -261,8 +334,7 @@ class App:
 
     def _new_item(self, queue: Any, payload: Any, key: Any, dedup_key: Any, run_at: Any, priority: Any, where: str) -> NewItem:
         check_queue_name(queue)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise UsageError(f"{where}: priority must be an integer, not {priority!r}")
+        check_priority(priority, where)
         return NewItem(
             queue=queue,
             payload_json=encode_payload(payload, where),
@@ -285,19 +357,30 @@ class App:
         self.store.cancel(item_id)
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
-        """Send dead and cancelled items of a queue back to pending with fresh attempts."""
+        """Send dead and cancelled items of a queue back to pending with fresh attempts; returns how
+        many. A queue that holds no items at all (and has no processor here) is a UsageError: a
+        mistyped name should not look like success."""
         check_queue_name(queue)
         n = self.store.requeue(queue, ids)
+        if n == 0:
+            self._check_known(queue)
         self.wakeup.set()
         return n
 
-    def purge(self, queue: str, older_than: dt.timedelta | float) -> int:
-        """Delete resolved, dead and cancelled items of a queue finished longer ago than `older_than`."""
+    def purge(self, queue: str, older_than: Duration) -> int:
+        """Delete resolved, dead and cancelled items of a queue finished longer ago than
+        `older_than`: '7d', '12h', '30m', '45s', '2w', a timedelta or seconds. Returns how many. A
+        queue that holds no items (and has no processor here) is a UsageError, as for requeue."""
         check_queue_name(queue)
-        seconds = older_than.total_seconds() if isinstance(older_than, dt.timedelta) else float(older_than)
-        if seconds < 0:
-            raise UsageError("purge: older_than must not be negative")
-        return self.store.purge(queue, seconds)
+        seconds = to_seconds(older_than, "purge: older_than")
+        n = self.store.purge(queue, seconds)
+        if n == 0:
+            self._check_known(queue)
+        return n
+
+    def _check_known(self, queue: str) -> None:
+        if queue not in self.processors and not self.store.stats([queue])[queue]["total"]:
+            raise UsageError(f"queue {shown(queue)} has no items in {self.describe_database()}")
 
     # -- workers --------------------------------------------------------------------------------
     def run_worker(
@@ -308,23 +391,25 @@ class App:
         stop_when_empty: bool = False,
         shutdown_timeout: float = 30.0,
         install_signal_handlers: bool = True,
-        prune_after: dt.timedelta | float | None = None,
+        prune_after: Duration | None = None,
     ) -> Mapping[str, int]:
         """Run workers for the given queues (default: every registered processor) until stopped
         (SIGINT/SIGTERM) or, with stop_when_empty, until those queues have nothing pending or in
         progress. processes > 1 runs that many worker processes under a supervisor. prune_after
-        (a timedelta or seconds): the workers also delete their queues' resolved, dead and
+        ('7d', a timedelta or seconds): the workers also delete their queues' resolved, dead and
         cancelled items once finished that long ago, keeping the table small."""
         from .supervisor import run_supervised
         from .worker import Worker
 
-        if not isinstance(processes, int) or processes < 1:
-            raise UsageError(f"processes must be an integer >= 1, not {processes!r}")
-        if isinstance(prune_after, dt.timedelta):
-            prune_after = prune_after.total_seconds()
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise UsageError(f"processes must be an integer >= 1, not {shown(processes)}")
+        prune_seconds = None if prune_after is None else to_seconds(prune_after, "prune_after")
+        # a bad URL, a missing folder or an unknown queue fails here, before anything is said or started
+        worker = Worker(self, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
+                        prune_after=prune_seconds)
+        self.store  # noqa: B018
+        log.info("conveyor worker on %s", self.describe_database())
         if processes > 1:
             return run_supervised(self, queues, processes=processes, stop_when_empty=stop_when_empty,
-                                  shutdown_timeout=shutdown_timeout, prune_after=prune_after)
-        worker = Worker(self, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
-                        prune_after=prune_after)
+                                  shutdown_timeout=shutdown_timeout, prune_after=prune_seconds)
         return worker.run(install_signal_handlers=install_signal_handlers)

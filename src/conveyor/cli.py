@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import IO, Any, Callable, Iterator
@@ -19,9 +18,10 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .app import App, check_queue_name
-from .codec import encode_payload
-from .errors import ConveyorError, UsageError
+from .app import App, check_priority, check_queue_name
+from .codec import MAX_DEPTH, check_text, encode_payload
+from .durations import parse_duration
+from .errors import ConveyorError, UsageError, shown
 from .model import STATES, NewItem
 
 err_console = Console(stderr=True)
@@ -55,81 +55,104 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], format="%(message)s", force=True)
 
 
-def parse_duration(text: str, option: str = "--older-than") -> float:
-    """7d, 12h, 30m, 45s, 2w, or plain seconds → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not m:
-        raise UsageError(f"{option} {text!r} is not a duration: use a number with s, m, h, d or w (e.g. 7d)")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    return float(m.group(1)) * unit
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+DB_HELP = ("Database URL: sqlite:///file.db or postgresql://user@host/db. Default: $CONVEYOR_DATABASE_URL, "
+           "else the app's own URL (worker), else sqlite:///conveyor.db.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--db", "db", envvar="CONVEYOR_DATABASE_URL", default=None, metavar="URL",
-              help="Database URL: sqlite:///file.db (default sqlite:///conveyor.db) or postgresql://user@host/db. "
-                   "Also read from $CONVEYOR_DATABASE_URL.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--db", "db", default=None, metavar="URL", help=DB_HELP)
+@click.option("--log-level", default="info", show_default=True, type=LOG_LEVELS)
 @click.version_option(package_name="conveyor")
 @click.pass_context
 def main(ctx: click.Context, db: str | None, log_level: str) -> None:
     """conveyor: asynchronous record processing. Workers claim items, process them with your
-    handler, and resolve them, never twice."""
+    handler, and resolve them, never twice. --db and --log-level go before or after the command."""
     setup_logging(log_level)
     ctx.obj = {"db": db}
 
 
-def app_from(ctx: click.Context) -> App:
-    return App(ctx.obj["db"])
+def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--db and --log-level, accepted after the subcommand too (`conveyor status --db URL`)."""
+
+    @click.option("--db", "_db", default=None, metavar="URL", help=DB_HELP)
+    @click.option("--log-level", "_log_level", default=None, type=LOG_LEVELS, help="debug, info (default), warning or error.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, _db: str | None, _log_level: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        if _db is not None:
+            ctx.obj["db"] = _db
+        if _log_level is not None:
+            setup_logging(_log_level)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def app_from(ctx: click.Context, read_only: bool = False) -> App:
+    """The App for a command: --db if given, else $CONVEYOR_DATABASE_URL, else sqlite:///conveyor.db.
+    Read-only commands never create or migrate a database."""
+    return App(ctx.obj["db"], read_only=read_only)
 
 
 # -- submit ---------------------------------------------------------------------------------------
-def read_items(stream: IO[str], name: str, queue: str, key_field: str | None, dedup_field: str | None,
+def read_items(stream: IO[bytes], name: str, queue: str, key_field: str | None, dedup_field: str | None,
                priority: int) -> Iterator[NewItem]:
-    for lineno, line in enumerate(stream, 1):
+    """One NewItem per non-blank line of JSON-lines bytes; a bad line is a UsageError naming it."""
+    for lineno, raw in enumerate(stream, 1):
+        where = f"{name} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at column {exc.start + 1})") from None
         if not line.strip():
             continue
-        where = f"{name} line {lineno}"
         try:
             payload = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{where}: the JSON nests too deep to read (payloads may nest {MAX_DEPTH} levels)") from None
         key = dedup = None
         for field, target in ((key_field, "key"), (dedup_field, "dedup")):
             if field is None:
                 continue
             if not isinstance(payload, dict) or field not in payload or payload[field] in (None, ""):
-                raise UsageError(f"{where}: field {field!r} (given by --{target}-field) is missing")
+                raise UsageError(f"{where}: field {shown(field)} (given by --{target}-field) is missing")
             value = payload[field]
             if isinstance(value, (dict, list, bool)):
-                raise UsageError(f"{where}: field {field!r} must be a string or number to serve as {target} key")
+                raise UsageError(f"{where}: field {shown(field)} must be a string or number to serve as {target} key")
+            text = check_text(str(value), f"{where}: field {shown(field)}")
             if target == "key":
-                key = str(value)
+                key = text
             else:
-                dedup = str(value)
+                dedup = text
         yield NewItem(queue, encode_payload(payload, where), key, dedup, None, priority)
 
 
 @main.command()
+@global_options
 @click.argument("queue")
 @click.option("--file", "file", default="-", show_default=True, metavar="ITEMS.jsonl|-",
               help="One JSON payload per line; '-' reads standard input.")
 @click.option("--key-field", default=None, help="Payload field whose value is the ordering key.")
 @click.option("--dedup-field", default=None, help="Payload field whose value is the dedup key.")
-@click.option("--priority", default=0, show_default=True, type=int)
+@click.option("--priority", default=0, show_default=True, type=int, help="Priority of every item (higher first).")
 @click.pass_context
 @friendly
 def submit(ctx: click.Context, queue: str, file: str, key_field: str | None, dedup_field: str | None, priority: int) -> None:
     """Submit items from a JSON-lines file: all or nothing. A bad line stops the import with its
     line number, and nothing from the file is stored."""
     check_queue_name(queue)
+    check_priority(priority, "--priority")
+    stream: IO[bytes]
     if file == "-":
-        stream, name, total = sys.stdin, "stdin", None
+        stream, name, total = sys.stdin.buffer, "stdin", None
     else:
         try:
-            stream = open(file, encoding="utf-8")
+            stream = open(file, "rb")
         except OSError as exc:
-            raise UsageError(f"cannot read {file!r}: {exc.strerror}") from None
+            raise UsageError(f"cannot read {shown(file, 400)}: {exc.strerror}") from None
         name = file
         total = os.path.getsize(file)
     app = app_from(ctx)
@@ -179,6 +202,7 @@ def load_app(spec: str) -> App:
 
 
 @main.command()
+@global_options
 @click.argument("app_spec", metavar="MODULE:APP")
 @click.option("--queue", "queues", multiple=True, help="Queue to work on (repeatable); default: all the app's processors.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 256),
@@ -194,9 +218,15 @@ def worker(ctx: click.Context, app_spec: str, queues: tuple[str, ...], processes
            shutdown_timeout: float, prune_after: str | None) -> None:
     """Run workers for MODULE:APP until stopped (Ctrl-C / SIGTERM finish in-flight work first)."""
     app = load_app(app_spec)
-    if ctx.obj["db"]:
+    app.processors_for(queues)  # an unknown queue fails before anything is said
+    if ctx.obj["db"] and ctx.obj["db"] != app.url:
+        # only an explicit --db overrides the app's own URL ($CONVEYOR_DATABASE_URL is the App's default)
+        own = app.describe_database()
         app.close()
         app.url = ctx.obj["db"]
+        app.store  # noqa: B018 - a bad URL fails here, before the override is announced
+        logging.getLogger("conveyor").warning("--db overrides the app's database: using %s, not %s",
+                                              app.describe_database(), own)
     app.run_worker(list(queues) or None, processes=processes, stop_when_empty=stop_when_empty,
                    shutdown_timeout=shutdown_timeout,
                    prune_after=None if prune_after is None else parse_duration(prune_after, "--prune-after"))
@@ -215,8 +245,8 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def status_table(stats: dict[str, dict[str, Any]], url: str) -> Table:
-    table = Table(title=f"conveyor · {url}", title_justify="left")
+def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
+    table = Table(title=f"conveyor · {where}", title_justify="left")
     table.add_column("queue", style="bold")
     for state in STATES:
         table.add_column(state.replace("_", " "), justify="right")
@@ -231,32 +261,50 @@ def status_table(stats: dict[str, dict[str, Any]], url: str) -> Table:
 
 
 @main.command()
+@global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON (the same mapping as app.stats()).")
-@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C (with --json: one JSON line a second).")
 @click.option("--queue", "queues", multiple=True, help="Only these queues.")
 @click.pass_context
 @friendly
 def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...]) -> None:
     """Counts by state, oldest pending age and throughput per queue."""
-    app = app_from(ctx)
-    if as_json:
-        click.echo(json.dumps(app.stats(list(queues) or None), indent=2))
+    app = app_from(ctx, read_only=True)
+    for queue in queues:
+        check_queue_name(queue)
+    asked = list(queues) or None
+    stats = app.stats(asked)
+    empty = [q for q in queues if not stats[q]["total"]]
+    if empty:
+        raise UsageError(f"queue {shown(empty[0])} has no items in {app.describe_database()}")
+    where = app.describe_database()
+    if as_json and not watch:
+        click.echo(json.dumps(stats, indent=2))
         return
+    if as_json:  # --json --watch: one JSON document per line, every second
+        try:
+            while True:
+                click.echo(json.dumps(stats))
+                time.sleep(1)
+                stats = app.stats(asked)
+        except KeyboardInterrupt:
+            return
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if not watch:
-        console.print(status_table(app.stats(list(queues) or None), app.url))
+        console.print(status_table(stats, where))
         return
     try:
-        with Live(status_table(app.stats(list(queues) or None), app.url), console=console, auto_refresh=False) as live:
+        with Live(status_table(stats, where), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(1)
-                live.update(status_table(app.stats(list(queues) or None), app.url), refresh=True)
+                live.update(status_table(app.stats(asked), where), refresh=True)
     except KeyboardInterrupt:
         pass
 
 
 # -- operators ------------------------------------------------------------------------------------
 @main.command()
+@global_options
 @click.argument("queue")
 @click.pass_context
 @friendly
@@ -267,6 +315,7 @@ def retry(ctx: click.Context, queue: str) -> None:
 
 
 @main.command()
+@global_options
 @click.argument("item_id", type=int)
 @click.pass_context
 @friendly
@@ -277,17 +326,19 @@ def cancel(ctx: click.Context, item_id: int) -> None:
 
 
 @main.command()
+@global_options
 @click.argument("queue")
 @click.option("--older-than", required=True, help="Age of finished items to delete, e.g. 7d, 12h, 30m.")
 @click.pass_context
 @friendly
 def purge(ctx: click.Context, queue: str, older_than: str) -> None:
     """Delete a queue's resolved, dead and cancelled items finished longer ago than --older-than."""
-    n = app_from(ctx).purge(queue, parse_duration(older_than))
+    n = app_from(ctx).purge(queue, parse_duration(older_than, "--older-than"))
     click.echo(f"{n} finished item(s) of {queue!r} purged")
 
 
 @main.command()
+@global_options
 @click.pass_context
 @friendly
 def migrate(ctx: click.Context) -> None:
@@ -298,15 +349,16 @@ def migrate(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--db", "demo_db", default=None, metavar="URL", help="Database for the demo (default: a fresh SQLite file).")
+@global_options
 @click.option("--orders", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--drivers", default=50, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, demo_db: str | None, orders: int, drivers: int, workers: int) -> None:
-    """The food-delivery showcase: orders pour in, workers assign each to exactly one driver."""
+def demo(ctx: click.Context, orders: int, drivers: int, workers: int) -> None:
+    """The food-delivery showcase: orders pour in, workers assign each to exactly one driver.
+    Runs on a fresh SQLite file unless --db is given ($CONVEYOR_DATABASE_URL is not used)."""
     from .demo import run_demo
 
-    ok = run_demo(demo_db or ctx.obj["db"], orders=orders, drivers=drivers, workers=workers)
+    ok = run_demo(ctx.obj["db"], orders=orders, drivers=drivers, workers=workers)
     sys.exit(0 if ok else 1)

@@ -22,14 +22,49 @@ _ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLAS
 _dumps = orjson.dumps
 
 
+#: containers nested deeper than this are refused (orjson, which stores and reads every payload, stops there)
+MAX_DEPTH = 254
+
+
 def _stdlib_verdict(value: Any, exc: TypeError) -> str:
-    if "64-bit" in str(exc):
+    reason = str(exc)
+    if "64-bit" in reason:
         raise ValueError("an integer does not fit in 64 bits; send such numbers as strings") from None
-    return _std_encode(value)
+    if "Recursion limit" in reason:
+        raise ValueError(f"it nests lists or objects more than {MAX_DEPTH} levels deep") from None
+    if "surrogates" in reason:
+        raise ValueError(_SURROGATE) from None
+    try:
+        text = _std_encode(value)
+    except RecursionError:
+        raise ValueError(f"it nests lists or objects more than {MAX_DEPTH} levels deep") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(_SURROGATE) from None
+    try:  # the same depth limit as the fast path, so what is stored can always be read back
+        _dumps(orjson.loads(text))
+    except (TypeError, ValueError):
+        raise ValueError(f"it nests lists or objects more than {MAX_DEPTH} levels deep") from None
+    return text
+
+
+_SURROGATE = "a string in it holds a lone surrogate (such as '\\ud800'), which is not valid Unicode text"
+
+
+def check_text(value: str, what: str) -> str:
+    """A user's string that is stored as text: refuse what no database can store as UTF-8 (lone
+    surrogates, e.g. from undecodable command-line bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} holds a lone surrogate (such as '\\ud800'), which is not valid Unicode text") from None
+    return value
 
 
 def encode(payload: Any) -> str:
-    """One payload's JSON text. Raises TypeError or ValueError if it is not JSON-serialisable."""
+    """One payload's JSON text. Raises TypeError or ValueError if it is not JSON-serialisable, nests
+    deeper than MAX_DEPTH, holds an integer beyond 64 bits or a string that is not valid Unicode."""
     try:
         out = _dumps(payload, option=_ORJSON_OPTS)
     except TypeError as exc:  # non-str keys, passed-through types: the stdlib's verdict

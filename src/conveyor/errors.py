@@ -11,6 +11,21 @@ Retry and Fail are not errors but signals a handler raises to steer its item.
 
 from __future__ import annotations
 
+from typing import Any
+
+#: how much of a user's value an error message echoes
+SHOWN_CHARS = 80
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A user's value as an error message quotes it: its repr, cut to `limit` characters with the
+    full length said, so a 10,000-character mistake doesn't fill the screen."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f"{len(value):,} characters" if isinstance(value, (str, bytes)) else f"{len(text):,} characters as text"
+    return f"{text[:limit]}… ({length})"
+
 
 class ConveyorError(Exception):
     """Base of everything conveyor raises."""

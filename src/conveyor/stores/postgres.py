@@ -348,6 +348,18 @@ _RECENT_SQL = """SELECT count(*) FROM conveyor_items
  WHERE queue = %s AND state = 'resolved' AND finished_at >= statement_timestamp() - interval '1 minute'"""
 
 
+def describe(url: str) -> str:
+    """The database a URL names, as a log line should say it: the URL without its password."""
+    scheme, _, rest = url.partition("://")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict("postgresql://" + rest)
+    except psycopg.Error:
+        return "PostgreSQL (malformed URL)"
+    user = params.get("user")
+    host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or ""
+    return f"PostgreSQL postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
+
+
 def _rolled_back(exc: BaseException) -> bool:
     """A deadlock or serialization failure (SQLSTATE class 40: psycopg gives each its own class,
     not a common base): the transaction was rolled back, the connection is fine."""
@@ -362,14 +374,15 @@ def _clean(text: str | None) -> str | None:
 class PostgresStore:
     """Store on a PostgreSQL database. Each thread gets its own connection."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, read_only: bool = False):
         self.url = url
+        self.read_only = read_only
         scheme, _, rest = url.partition("://")
         self._conninfo = "postgresql://" + rest  # postgresql+psycopg://, postgres:// → libpq's form
         try:
             params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
         except psycopg.Error as exc:
-            raise UsageError(f"PostgreSQL URL {url!r} is malformed: {exc}") from None
+            raise UsageError(f"PostgreSQL URL is malformed: {exc}") from None
         host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or "?"
         self.where = f"{host}:{port}/{db}"
         self._defaults: dict[str, Any] = {
@@ -397,6 +410,8 @@ class PostgresStore:
             # milliseconds and never pays back on these short statements (it fired on bulk submits).
             conn.execute("SET TimeZone TO 'UTC'")
             conn.execute("SET jit = off")
+            if self.read_only:  # status, items, show: whatever they run can change nothing
+                conn.execute("SET default_transaction_read_only = on")
             # payload arrives as its JSON text, decoded by common.row_to_item like SQLite's (a JSON
             # string payload would otherwise come back already decoded and be decoded twice)
             conn.adapters.register_loader("json", psycopg.types.string.TextLoader)
@@ -426,7 +441,10 @@ class PostgresStore:
             self._local.conn = conn
             self._local.depth = 0
             # a store migrates on its first connection; migrate() reports what that applied
-            self._local.applied = [] if self._migrated else self._migrate(conn)
+            if self._migrated:
+                self._local.applied = []
+            else:
+                self._local.applied = self._check_schema() if self.read_only else self._migrate(conn)
         return conn
 
     def _drop(self, conn: psycopg.Connection[Any] | None) -> None:
@@ -459,6 +477,8 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        if self.read_only:
+            raise UsageError(f"PostgreSQL database {self.where} was opened read-only: it cannot be written")
         conn = self._conn()
         local = self._local
         if local.depth:
@@ -544,9 +564,25 @@ class PostgresStore:
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
+        if self.read_only:
+            raise UsageError(f"PostgreSQL database {self.where} was opened read-only: it cannot be migrated")
         conn = self._conn()
         on_open, self._local.applied = getattr(self._local, "applied", []), []
         return on_open + self._migrate(conn)
+
+    def _check_schema(self) -> list[int]:
+        """For a read-only store, in place of migrating: say what is missing, create nothing."""
+        wanted = {v for v, _, _ in MIGRATIONS}
+        if not self._run("SELECT to_regclass('conveyor_items') IS NOT NULL").fetchone()[0]:
+            raise UsageError(f"PostgreSQL database {self.where} has no conveyor tables (conveyor_items): "
+                             "check --db or $CONVEYOR_DATABASE_URL, or run `conveyor migrate` to create them")
+        done = set()
+        if self._run("SELECT to_regclass('conveyor_migrations') IS NOT NULL").fetchone()[0]:
+            done = {r[0] for r in self._run("SELECT version FROM conveyor_migrations")}
+        if not wanted <= done:
+            raise UsageError(f"PostgreSQL database {self.where} has an older conveyor schema: run `conveyor migrate` first")
+        self._migrated = True
+        return []
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> list[int]:
         wanted = {v for v, _, _ in MIGRATIONS}

@@ -18,14 +18,14 @@ import threading
 import time
 import weakref
 from typing import Any, AsyncIterator, Iterator, Sequence
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import orjson
 
 _dumps = lambda value: orjson.dumps(value).decode()  # noqa: E731
 
 from ..codec import encode_rows
-from ..errors import ItemNotFound, StoreError, UsageError
+from ..errors import ItemNotFound, StoreError, UsageError, shown
 from ..model import Claim, Item, NewItem, Outcomes
 from .base import Token
 from .common import ITEM_COLUMNS, new_token, refused, row_to_item, shape_stats
@@ -183,15 +183,20 @@ def sqlite_path(url: str) -> str:
     """sqlite:///relative.db, sqlite:////absolute.db → a filesystem path."""
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
-        raise UsageError(f"SQLite URL {url!r} names a host ({parts.netloc!r}); use sqlite:///path/to/file.db")
+        raise UsageError(f"SQLite URL {shown(url)} names a host ({shown(parts.netloc)}); use sqlite:///path/to/file.db")
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]  # sqlite:///x.db → x.db ; sqlite:////abs/x.db → /abs/x.db
     if not path or path == ":memory:":
         raise UsageError(
-            f"SQLite URL {url!r} names no file: conveyor needs a file that workers can share, e.g. sqlite:///conveyor.db"
+            f"SQLite URL {shown(url)} names no file: conveyor needs a file that workers can share, e.g. sqlite:///conveyor.db"
         )
     return path
+
+
+def describe(url: str) -> str:
+    """The database a URL names, as a log line should say it: the file's absolute path."""
+    return f"SQLite file {os.path.abspath(sqlite_path(url))}"
 
 
 _ON_OFF = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
@@ -202,9 +207,9 @@ def sqlite_options(url: str) -> dict[str, bool]:
     options = {"writer_queue": True}
     for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if name not in options:
-            raise UsageError(f"SQLite URL {url!r} has an unknown option {name!r}; known: {', '.join(options)}")
+            raise UsageError(f"SQLite URL {shown(url)} has an unknown option {shown(name)}; known: {', '.join(options)}")
         if value.lower() not in _ON_OFF:
-            raise UsageError(f"SQLite URL {url!r}: {name} must be on or off, not {value!r}")
+            raise UsageError(f"SQLite URL {shown(url)}: {name} must be on or off, not {shown(value)}")
         options[name] = _ON_OFF[value.lower()]
     return options
 
@@ -239,13 +244,17 @@ os.register_at_fork(after_in_child=_close_inherited_queue_files)
 class SQLiteStore:
     """Store on one SQLite file. Each thread gets its own connection."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, read_only: bool = False):
         self.url = url
         self.path = sqlite_path(url)
+        self.read_only = read_only
         self._writer_queue = sqlite_options(url)["writer_queue"]
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
-            raise UsageError(f"cannot open SQLite database {self.path!r}: folder {folder!r} does not exist")
+            raise UsageError(f"cannot open SQLite database {shown(self.path, 400)}: folder {shown(folder, 400)} does not exist")
+        if read_only and not os.path.isfile(self.path):
+            raise UsageError(f"no SQLite database at {os.path.abspath(self.path)} (this command reads and never creates "
+                             "one: check --db or $CONVEYOR_DATABASE_URL)")
         self._local = threading.local()
         self._lock = threading.Lock()
         #: every open connection, with the thread it belongs to
@@ -255,6 +264,8 @@ class SQLiteStore:
 
     # -- connections ----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -265,6 +276,34 @@ class SQLiteStore:
         if str(mode).lower() != "wal":
             raise StoreError(f"SQLite database {self.path!r} could not switch to WAL mode (got {mode!r})")
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that can neither write nor create: mode=ro, or, where even that cannot open
+        a WAL database (its -shm file cannot be created: a read-only folder or file system, where
+        nothing can change the file either), immutable=1."""
+        uri = "file:" + quote(os.path.abspath(self.path)) + "?mode=ro"
+        for extra in ("", "&immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + extra, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.DatabaseError as exc:
+                error = exc
+        raise UsageError(f"cannot read SQLite database {os.path.abspath(self.path)}: {error}") from None
+
+    def _check_schema(self, conn: sqlite3.Connection) -> list[int]:
+        """For a read-only store, in place of migrating: say what is missing, change nothing."""
+        if not self._schema_current(conn):
+            has_items = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_items'").fetchone()
+            where = os.path.abspath(self.path)
+            if has_items:
+                raise UsageError(f"SQLite database {where} has an older conveyor schema: run `conveyor migrate` first")
+            raise UsageError(f"SQLite database {where} is not a conveyor database (no conveyor_items table)")
+        self._migrated = True
+        return []
 
     def _conn(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:  # forked: never touch the parent's connections
@@ -280,11 +319,16 @@ class SQLiteStore:
             with self._lock:
                 self._conns[conn] = threading.current_thread()
             # a store migrates on its first connection; migrate() reports what that applied
-            self._local.applied = [] if self._migrated else self._migrate(conn)
+            if self._migrated:
+                self._local.applied = []
+            else:
+                self._local.applied = self._check_schema(conn) if self.read_only else self._migrate(conn)
         return conn
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise UsageError(f"SQLite database {os.path.abspath(self.path)} was opened read-only: it cannot be written")
         conn = self._conn()
         if self._local.depth:
             self._local.depth += 1
@@ -331,7 +375,8 @@ class SQLiteStore:
             f = None
             if self._writer_queue:
                 try:
-                    f = open(self.path + _WRITE_QUEUE_SUFFIX, "ab")  # noqa: SIM115 - lives as long as the thread's connection
+                    # the resolved path: two paths to one file (a symlink, a relative path) share it
+                    f = open(os.path.realpath(self.path) + _WRITE_QUEUE_SUFFIX, "ab")  # noqa: SIM115 - lives as long as the thread's connection
                 except OSError:
                     pass
                 else:
@@ -379,6 +424,8 @@ class SQLiteStore:
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
+        if self.read_only:
+            raise UsageError(f"SQLite database {os.path.abspath(self.path)} was opened read-only: it cannot be migrated")
         conn = self._conn()
         on_open, self._local.applied = getattr(self._local, "applied", []), []
         return on_open + self._migrate(conn)
