@@ -62,6 +62,15 @@ def test_surrogate_in_key_is_refused(app, field):
     assert app.stats(["q"])["q"]["total"] == 0
 
 
+@pytest.mark.parametrize("field", ["key", "dedup_key"])
+def test_nul_in_key_is_refused_alike_on_every_store(app, field):
+    with pytest.raises(UsageError, match=f"{field}.*NUL"):
+        app.submit("q", 1, **{field: "a\x00b"})
+    with pytest.raises(UsageError, match=f"{field}.*NUL"):
+        app.submit_many("q", [1], **{field: "a\x00b"})
+    assert app.stats(["q"])["q"]["total"] == 0
+
+
 def test_surrogate_in_queue_name_is_refused(app):
     with pytest.raises(UsageError, match="queue name.*lone surrogate"):
         app.submit("q\udcff", 1)

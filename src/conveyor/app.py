@@ -95,6 +95,8 @@ def _optional_text(value: Any, field: str, where: str) -> str | None:
     text = str(value)
     if not text:
         raise UsageError(f"{where}: {field} must not be empty")
+    if "\x00" in text:  # PostgreSQL's text cannot hold it, SQLite's would: refused alike on both
+        raise UsageError(f"{where}: {field} {shown(text)} must not contain NUL characters")
     return check_text(text, f"{where}: {field} {shown(text)}")
 
 
