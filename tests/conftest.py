@@ -75,7 +75,7 @@ def store_url(request, tmp_path):
 
 @pytest.fixture
 def store(store_url):
-    from conveyor.stores.base import open_store
+    from conveyor.stores import open_store
 
     s = open_store(store_url)
     s.migrate()

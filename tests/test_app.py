@@ -57,7 +57,7 @@ def test_bad_url_is_a_usage_error_naming_the_problem(url, words):
 
 
 def test_empty_url_is_a_usage_error():
-    from conveyor.stores.base import open_store
+    from conveyor.stores import open_store
 
     with pytest.raises(UsageError, match="empty"):
         open_store("  ")
@@ -317,17 +317,17 @@ def test_async_transactional_handler_is_registered_as_async(bare_app):
 
 
 def test_worker_needs_processors_and_known_queues(app):
-    from conveyor.worker import Worker
-
     with pytest.raises(UsageError, match="no processors"):
-        Worker(app)
+        app.worker()
+    with pytest.raises(UsageError, match="no processors"):
+        app.run_worker(install_signal_handlers=False)
 
     @app.processor("q")
     def handle(item):
         pass
 
     with pytest.raises(UsageError, match="'nope'"):
-        Worker(app, ["nope"])
+        app.worker(["nope"])
     with pytest.raises(UsageError, match="processes"):
         app.run_worker(processes=0, install_signal_handlers=False)
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 import conveyor
-from conveyor.stores.base import open_store
+from conveyor.stores import open_store
 
 from conftest import PG_ADMIN_URL
 

@@ -26,7 +26,6 @@ from conveyor.errors import ItemNotFound, StoreError, UsageError
 from conveyor.model import Claim, NewItem, Outcomes
 from conveyor.stores.postgres import _CLAIM_ORDERED_SQL, _CLAIM_SQL, COPY_FROM, PostgresStore
 from conveyor.stores.sqlite import SQLiteStore
-from conveyor.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +129,7 @@ def test_submit_on_callers_connection_commits_with_it_and_wakes_an_idle_worker(s
         handled.append(item.payload)
 
     listener = PostgresStore(pg_url)
-    worker = Worker(app, ["q"])
+    worker = app.worker(["q"])
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     try:
         listener.wait_for_change(0.01)  # subscribed before the submit
@@ -309,10 +308,11 @@ def test_a_deadlock_rolls_back_and_keeps_the_connection(store, pg_url):
 # -- migrations --------------------------------------------------------------------------------
 
 
-def test_migration_3_keeps_every_count_and_swaps_the_indexes(pg_url):
+def test_migrations_3_and_4_keep_every_count_swap_the_indexes_and_mark_rescued_items(pg_url):
     """A database left at migration 2 (one index over every item), holding items in every state,
-    is brought to 3 by the next store to open it: the same counts, the finished and running items
-    found through the new partial indexes, the old indexes gone."""
+    is brought up to date by the next store to open it: the same counts, the finished and running
+    items found through the new partial indexes, the old indexes gone, and unfinished items whose
+    last run was rescued marked `rescued` (migration 4)."""
     from conveyor.stores.postgres import MIGRATIONS
 
     with admin(pg_url) as conn:
@@ -328,11 +328,14 @@ def test_migration_3_keeps_every_count_and_swaps_the_indexes(pg_url):
                                CASE WHEN i % 5 = 1 THEN now() + interval '1 hour' END,
                                CASE WHEN i % 3 = 0 THEN 'k' || (i % 7) END
                           FROM generate_series(1, 1000) AS i""")
+        conn.execute("UPDATE conveyor_items SET last_error = 'lease expired: worker w stopped heartbeating' "
+                     "WHERE id IN (1, 2)")  # in progress, resolved
         expected = {(q, st): n for q, st, n in conn.execute(
             "SELECT queue, state, count(*) FROM conveyor_items GROUP BY queue, state")}
     store = PostgresStore(pg_url)
     try:
-        assert store.migrate() == [3]
+        assert store.migrate() == [3, 4]
+        assert store.get(1).rescued and not store.get(2).rescued and not store.get(6).rescued
         stats = store.stats()
         got = {(q, st): stats[q][st] for q in stats for st in conveyor.model.STATES if stats[q][st]}
         assert got == expected

@@ -264,7 +264,7 @@ def test_stale_claim_token_is_refused_store_level(app):
 STALE_CLAIMER = """
     import json, sys
     from conveyor.model import Claim
-    from conveyor.stores.base import open_store
+    from conveyor.stores import open_store
 
     store = open_store(__import__("os").environ["T_URL"])
     (a,) = store.claim(Claim("jobs", limit=1, lease_seconds=0.3, max_attempts=5), "process-A")
@@ -301,14 +301,19 @@ def test_stale_claim_token_is_refused_across_processes(env, app):
 SILENT_WORKER = """
     import json, os, sys
     sys.path.insert(0, os.getcwd())
-    from conveyor.worker import Worker
+    import threading, time
     import procapp
 
     procapp.app.url = os.environ["T_URL"]
-    w = Worker(procapp.app, stop_when_empty=True)
-    w.heartbeat_interval = 3600.0  # this worker never heartbeats ...
-    w.rescue_interval = 3600.0     # ... nor rescues: its lease runs out under the handler
-    w.lanes["jobs"].capacity = 1   # and claims nothing more while its one item runs
+    # this worker never heartbeats nor rescues: its lease runs out under the handler
+    w = procapp.app.worker(stop_when_empty=True, heartbeat_interval=3600.0, rescue_interval=3600.0)
+
+    def stop_after_first_claim():  # it claims nothing more while its one item runs
+        while not w.counts["claimed"]:
+            time.sleep(0.005)
+        w.stop()
+
+    threading.Thread(target=stop_after_first_claim, daemon=True).start()
     print(json.dumps(w.run(install_signal_handlers=False)), flush=True)
 """
 

@@ -17,7 +17,6 @@ import pytest
 
 import conveyor
 from conveyor import Fail, Retry, State
-from conveyor.worker import Worker
 
 FAST = {"backoff_base": 0.05, "backoff_max": 0.2}
 
@@ -26,7 +25,7 @@ class WorkerThread:
     """A Worker running in a thread; `join` returns its counts or re-raises what it raised."""
 
     def __init__(self, app, queues=None, **kw):
-        self.worker = Worker(app, queues, **kw)
+        self.worker = app.worker(queues, **kw)
         self.result: dict | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="test-worker", daemon=True)

@@ -11,16 +11,16 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
 from .durations import Duration, to_seconds
 from .errors import UsageError, shown
-from .model import Item, NewItem, QueueOptions
-from .stores.base import Store, describe_database, open_store
+from .model import Item, NewItem, Processor, QueueOptions
+from .stores import Store, describe_database, open_store
+from .worker import Worker, run_supervised
 
 log = logging.getLogger("conveyor")
 
@@ -33,19 +33,6 @@ RUN_AT_MIN = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc).timestamp()
 RUN_AT_MAX = dt.datetime(9999, 12, 30, tzinfo=dt.timezone.utc).timestamp()
 
 KeySpec = str | Callable[[Any], Any] | None
-
-
-@dataclass(frozen=True)
-class Processor:
-    """A handler and how it runs."""
-
-    options: QueueOptions
-    handler: Callable[..., Any]
-    is_async: bool
-
-    @property
-    def queue(self) -> str:
-        return self.options.queue
 
 
 def check_queue_name(queue: Any) -> str:
@@ -385,6 +372,12 @@ class App:
             raise UsageError(f"queue {shown(queue)} has no items in {self.describe_database()}")
 
     # -- workers --------------------------------------------------------------------------------
+    def worker(self, queues: Sequence[str] | None = None, **options: Any) -> Worker:
+        """A Worker for this App's processors on `queues` (default: all), on its store, woken by
+        its submits; `options` as Worker takes them (stop_when_empty, shutdown_timeout,
+        prune_after, name, heartbeat_interval, rescue_interval). run_worker() runs one."""
+        return Worker(self.store, self.processors_for(queues), self.wakeup, **options)
+
     def run_worker(
         self,
         queues: Sequence[str] | None = None,
@@ -394,24 +387,25 @@ class App:
         shutdown_timeout: float = 30.0,
         install_signal_handlers: bool = True,
         prune_after: Duration | None = None,
-    ) -> Mapping[str, int]:
+    ) -> dict[str, int]:
         """Run workers for the given queues (default: every registered processor) until stopped
         (SIGINT/SIGTERM) or, with stop_when_empty, until those queues have nothing pending or in
         progress. processes > 1 runs that many worker processes under a supervisor. prune_after
         ('7d', a timedelta or seconds): the workers also delete their queues' resolved, dead and
-        cancelled items once finished that long ago, keeping the table small."""
-        from .supervisor import run_supervised
-        from .worker import Worker
+        cancelled items once finished that long ago, keeping the table small.
 
+        Returns what the workers did: {claimed, resolved, retried, dead, released, lost, rescued,
+        processes, restarts} (with several processes, summed over those that stopped cleanly)."""
         if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
             raise UsageError(f"processes must be an integer >= 1, not {shown(processes)}")
         prune_seconds = None if prune_after is None else to_seconds(prune_after, "prune_after")
+        options = dict(stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout, prune_after=prune_seconds)
         # a bad URL, a missing folder or an unknown queue fails here, before anything is said or started
-        worker = Worker(self, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
-                        prune_after=prune_seconds)
-        self.store  # noqa: B018
+        worker = self.worker(queues, **options)
         log.info("conveyor worker on %s", self.describe_database())
-        if processes > 1:
-            return run_supervised(self, queues, processes=processes, stop_when_empty=stop_when_empty,
-                                  shutdown_timeout=shutdown_timeout, prune_after=prune_seconds)
-        return worker.run(install_signal_handlers=install_signal_handlers)
+        if processes == 1:
+            return {**worker.run(install_signal_handlers=install_signal_handlers), "processes": 1, "restarts": 0}
+        self.migrate()  # once, before the children race for it
+        self.close()  # no connection may cross a fork: each child opens its own
+        return run_supervised(lambda: self.worker(queues, **options), processes=processes,
+                              stop_when_empty=stop_when_empty)

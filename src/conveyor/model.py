@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
+
+#: (item id, claim token): names one claim of an item
+Token = tuple[int, int]
 
 
 class State(str, enum.Enum):
@@ -46,6 +49,9 @@ class Item:
     finished_at: dt.datetime | None = None
     #: fences this claim: only the holder of the token can resolve the item
     claim_token: int | None = field(default=None, repr=False)
+    #: its last run ended with its worker's lease expiring (the worker crashed, was killed or lost
+    #: the database): a worker runs such an item alone, so a poison item takes nothing with it
+    rescued: bool = False
 
 
 class NewItem(NamedTuple):
@@ -112,3 +118,16 @@ class QueueOptions:
     backoff_max: float = 300.0
     #: a handler running longer is given up on: cancelled (async) or abandoned (thread), and its item retried
     timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Processor:
+    """A handler and how it runs."""
+
+    options: QueueOptions
+    handler: Callable[..., Any]
+    is_async: bool
+
+    @property
+    def queue(self) -> str:
+        return self.options.queue

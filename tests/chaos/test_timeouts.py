@@ -15,7 +15,6 @@ import threading
 import time
 
 import conveyor
-from conveyor.worker import Worker
 
 from .harness import Chaos, EFFECTS_PG, EFFECTS_SQLITE
 
@@ -40,7 +39,7 @@ def _lock_database(chaos: Chaos, seconds: float, started: threading.Event) -> No
 
 
 def _run(app: conveyor.App) -> dict:
-    w = Worker(app, stop_when_empty=True, shutdown_timeout=5)
+    w = app.worker(stop_when_empty=True, shutdown_timeout=5)
     return w.run(install_signal_handlers=False)
 
 
@@ -116,7 +115,7 @@ def test_threads_replacing_abandoned_ones_keep_their_results(chaos):
         if item.id <= hangs and item.attempts == 1:
             time.sleep(0.4)  # abandoned at its timeout; a new thread takes over, this one retires
 
-    worker = Worker(app, stop_when_empty=True, shutdown_timeout=1)
+    worker = app.worker(stop_when_empty=True, shutdown_timeout=1)
     try:
         app.submit_many("plain", [{"n": i} for i in range(12)])
         runner = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conveyor.stores import sqlite as sq
-from conveyor.stores.base import open_store
+from conveyor.stores import open_store
 
 from .helpers import claim, new, tokens
 

@@ -54,7 +54,7 @@ def shape_stats(
 
 ITEM_COLUMNS = (
     "id, queue, payload, key, attempts, state, created_at, priority, run_at, dedup_key, "
-    "last_error, max_attempts, lease_owner, lease_expires_at, finished_at, claim_token"
+    "last_error, max_attempts, lease_owner, lease_expires_at, finished_at, claim_token, rescued"
 )
 
 
@@ -67,7 +67,7 @@ def row_to_item(row: Sequence[Any]) -> Item:
     """A row selected as ITEM_COLUMNS → Item. Hot: called for every claimed item, so positional,
     with no per-field helper calls."""
     (id_, queue, payload, key, attempts, state, created, priority, run_at, dedup, error, max_att,
-     owner, lease, finished, token) = row
+     owner, lease, finished, token, rescued) = row
     if isinstance(payload, (str, bytes)):
         payload = _loads(payload)
     if created.__class__ is float or created.__class__ is int:  # SQLite: unix seconds
@@ -76,4 +76,4 @@ def row_to_item(row: Sequence[Any]) -> Item:
         lease = None if lease is None else _from_ts(lease, UTC)
         finished = None if finished is None else _from_ts(finished, UTC)
     return Item(id_, queue, payload, key, attempts, _STATE[state], created, priority, run_at, dedup, error,
-                max_att, owner, lease, finished, token)
+                max_att, owner, lease, finished, token, bool(rescued))

@@ -25,8 +25,7 @@ from psycopg.rows import tuple_row
 
 from ..codec import encode
 from ..errors import ItemNotFound, StoreError, UsageError
-from ..model import Claim, Item, NewItem, Outcomes
-from .base import Token
+from ..model import Claim, Item, NewItem, Outcomes, Token
 from .common import ITEM_COLUMNS, new_token, refused, row_to_item, shape_stats
 
 CHANNEL = "conveyor_items"
@@ -104,6 +103,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE state = 'in_progress';
         DROP INDEX IF EXISTS conveyor_items_status;
         DROP INDEX IF EXISTS conveyor_items_leases;
+        """,
+    ),
+    (
+        4,
+        "rescued: the item's last run ended with its lease expiring",
+        # Recorded as a fact rather than read from last_error's wording: a worker runs such an
+        # item alone (see worker.lanes.is_suspect). Items rescued before this migration keep it.
+        # ADD COLUMN with a constant default rewrites nothing (PostgreSQL 11+).
+        """
+        ALTER TABLE conveyor_items ADD COLUMN IF NOT EXISTS rescued BOOLEAN NOT NULL DEFAULT false;
+        UPDATE conveyor_items SET rescued = true
+         WHERE state IN ('pending', 'in_progress') AND last_error LIKE 'lease expired%';
         """,
     ),
 ]
@@ -254,11 +265,11 @@ _RETRY_SQL = f"""
 UPDATE conveyor_items
    SET state = {_DEAD_IF_SPENT} 'dead' ELSE 'pending' END,
        finished_at = {_DEAD_IF_SPENT} statement_timestamp() END,
-       run_at = statement_timestamp() + b.b2::float8 * interval '1 second', last_error = b.b3,
+       run_at = statement_timestamp() + b.b2::float8 * interval '1 second', last_error = b.b3, rescued = false,
        updated_at = statement_timestamp(), {_SETTLE_CLEAR}
   {_BATCH} {_FENCE} {_WAKES}"""
 _FAIL_SQL = f"""UPDATE conveyor_items SET state = 'dead', finished_at = statement_timestamp(),
-       updated_at = statement_timestamp(), last_error = b.b2, {_SETTLE_CLEAR} {_BATCH} {_FENCE} {_WAKES}"""
+       updated_at = statement_timestamp(), last_error = b.b2, rescued = false, {_SETTLE_CLEAR} {_BATCH} {_FENCE} {_WAKES}"""
 _RELEASE_SQL = f"""UPDATE conveyor_items SET state = 'pending', attempts = greatest(attempts - 1, 0),
        updated_at = statement_timestamp(), {_SETTLE_CLEAR} {_BATCH} {_FENCE} {_WAKES}"""
 _EXTEND_SQL = f"""UPDATE conveyor_items
@@ -273,7 +284,7 @@ UPDATE conveyor_items
        last_error = 'lease expired: worker ' || coalesce(lease_owner, '?') ||
                     ' stopped heartbeating during attempt ' || attempts ||
                     ' (it crashed, was killed, or lost the database)',
-       claim_token = NULL, run_at = statement_timestamp(), updated_at = statement_timestamp(),
+       rescued = true, claim_token = NULL, run_at = statement_timestamp(), updated_at = statement_timestamp(),
        lease_owner = NULL, lease_expires_at = NULL
  WHERE id = ANY(ARRAY(SELECT id FROM conveyor_items
                        WHERE state = 'in_progress' AND lease_expires_at < statement_timestamp()
@@ -956,7 +967,7 @@ class PostgresStore:
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         sql = (
-            "UPDATE conveyor_items SET state = 'pending', attempts = 0, run_at = statement_timestamp(), "
+            "UPDATE conveyor_items SET state = 'pending', attempts = 0, rescued = false, run_at = statement_timestamp(), "
             "finished_at = NULL, updated_at = statement_timestamp() WHERE queue = %s AND state IN ('dead', 'cancelled')"
         )
         args: list[Any] = [queue]

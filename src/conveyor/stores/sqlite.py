@@ -26,8 +26,7 @@ _dumps = lambda value: orjson.dumps(value).decode()  # noqa: E731
 
 from ..codec import encode_rows
 from ..errors import ItemNotFound, StoreError, UsageError, shown
-from ..model import Claim, Item, NewItem, Outcomes
-from .base import Token
+from ..model import Claim, Item, NewItem, Outcomes, Token
 from .common import ITEM_COLUMNS, new_token, refused, row_to_item, shape_stats
 
 BUSY_TIMEOUT_MS = 60_000
@@ -70,6 +69,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX conveyor_items_status ON conveyor_items (queue, state, finished_at);
         CREATE UNIQUE INDEX conveyor_items_dedup ON conveyor_items (queue, dedup_key)
             WHERE dedup_key IS NOT NULL;
+        """,
+    ),
+    (
+        2,
+        "rescued: the item's last run ended with its lease expiring",
+        # Recorded as a fact rather than read from last_error's wording: a worker runs such an
+        # item alone (see worker.lanes.is_suspect). Items rescued before this migration keep it.
+        """
+        ALTER TABLE conveyor_items ADD COLUMN rescued INTEGER NOT NULL DEFAULT 0;
+        UPDATE conveyor_items SET rescued = 1
+         WHERE state IN ('pending', 'in_progress') AND last_error LIKE 'lease expired%';
         """,
     ),
 ]
@@ -160,9 +170,9 @@ _RETRY_SQL = f"""
 {_SETTLE}
        state = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN 'dead' ELSE 'pending' END,
        finished_at = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN ?2 END,
-       run_at = ?2 + b.b2, last_error = b.b3, updated_at = ?2, {_SETTLE_CLEAR}
+       run_at = ?2 + b.b2, last_error = b.b3, rescued = 0, updated_at = ?2, {_SETTLE_CLEAR}
   {_BATCH} {_FENCE}"""
-_FAIL_SQL = f"{_SETTLE} state = 'dead', finished_at = ?2, updated_at = ?2, last_error = b.b2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+_FAIL_SQL = f"{_SETTLE} state = 'dead', finished_at = ?2, updated_at = ?2, last_error = b.b2, rescued = 0, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
 _RELEASE_SQL = f"{_SETTLE} state = 'pending', attempts = max(attempts - 1, 0), updated_at = ?2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
 _EXTEND_SQL = f"{_SETTLE} lease_expires_at = ?2 {_BATCH} {_FENCE}"
 
@@ -173,7 +183,7 @@ UPDATE conveyor_items
        last_error = 'lease expired: worker ' || coalesce(lease_owner, '?') ||
                     ' stopped heartbeating during attempt ' || attempts ||
                     ' (it crashed, was killed, or lost the database)',
-       claim_token = NULL, run_at = ?1, updated_at = ?1, lease_owner = NULL, lease_expires_at = NULL
+       rescued = 1, claim_token = NULL, run_at = ?1, updated_at = ?1, lease_owner = NULL, lease_expires_at = NULL
  WHERE id IN (SELECT id FROM conveyor_items INDEXED BY conveyor_items_leases
                WHERE state = 'in_progress' AND lease_expires_at < ?1)
 RETURNING id, state"""
@@ -674,7 +684,7 @@ class SQLiteStore:
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         sql = (
-            f"UPDATE conveyor_items SET state = 'pending', attempts = 0, run_at = ({_NOW}), finished_at = NULL, "
+            f"UPDATE conveyor_items SET state = 'pending', attempts = 0, rescued = 0, run_at = ({_NOW}), finished_at = NULL, "
             f"updated_at = ({_NOW}) WHERE queue = ? AND state IN ('dead', 'cancelled')"
         )
         args: list[Any] = [queue]

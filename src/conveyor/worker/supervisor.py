@@ -14,28 +14,23 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable
 
-from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .app import App
+from ..errors import UsageError
+from .loop import Worker
+from .outcomes import COUNTERS
 
 log = logging.getLogger("conveyor.supervisor")
 
 RESTART_BACKOFF_MAX = 10.0
 
 
-def _child_main(app: "App", queues: Sequence[str] | None, stop_when_empty: bool, shutdown_timeout: float,
-                prune_after: float | None = None) -> None:
-    from .worker import Worker
-
+def _child_main(make_worker: Callable[[], Worker], results: Any) -> None:
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
-    worker = Worker(app, queues, stop_when_empty=stop_when_empty, shutdown_timeout=shutdown_timeout,
-                    prune_after=prune_after)
+    worker = make_worker()
 
     def watch_parent() -> None:
         while not worker.stopping:
@@ -47,33 +42,26 @@ def _child_main(app: "App", queues: Sequence[str] | None, stop_when_empty: bool,
 
     threading.Thread(target=watch_parent, daemon=True).start()
     try:
-        worker.run(install_signal_handlers=True)
+        counts = worker.run(install_signal_handlers=True)
     except UsageError as exc:
         log.error("%s", exc)
         os._exit(2)
     except BaseException:
         log.exception("worker process failed")
         os._exit(1)
+    results.put(counts)
     os._exit(0)
 
 
-def run_supervised(
-    app: "App",
-    queues: Sequence[str] | None,
-    *,
-    processes: int,
-    stop_when_empty: bool = False,
-    shutdown_timeout: float = 30.0,
-    prune_after: float | None = None,
-) -> dict[str, Any]:
-    """Run `processes` workers; restart any that die unexpectedly; return when all have stopped."""
-    from .worker import Worker
-
-    Worker(app, queues, prune_after=prune_after)  # validates here, in the parent, with a clear error
-    app.migrate()  # once, before the children race for it
-    app.close()  # no connection may cross a fork
+def run_supervised(make_worker: Callable[[], Worker], *, processes: int, stop_when_empty: bool = False) -> dict[str, int]:
+    """Run `processes` workers, each made by `make_worker()` in its own forked process; restart any
+    that die unexpectedly; return when all have stopped: the counts of the workers that stopped
+    cleanly, summed, with `processes` and `restarts`. The caller makes sure no database connection
+    is open when this forks."""
     ctx = multiprocessing.get_context("fork")
-    args = (app, queues, stop_when_empty, shutdown_timeout, prune_after)
+    results = ctx.SimpleQueue()
+    totals = {key: 0 for key in COUNTERS}
+    args = (make_worker, results)
     children: dict[int, Any] = {}
     started: dict[int, float] = {}
     done: set[int] = set()
@@ -108,6 +96,9 @@ def run_supervised(
         while len(done) < processes:
             live = [p.sentinel for s, p in children.items() if s not in done]
             multiprocessing.connection.wait(live, timeout=0.5)
+            while not results.empty():
+                for key, n in results.get().items():
+                    totals[key] = totals.get(key, 0) + n
             for slot, p in list(children.items()):
                 if slot in done or p.is_alive():
                     continue
@@ -131,4 +122,7 @@ def run_supervised(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return {"processes": processes, "restarts": restarts}
+    while not results.empty():
+        for key, n in results.get().items():
+            totals[key] = totals.get(key, 0) + n
+    return {**totals, "processes": processes, "restarts": restarts}

@@ -12,27 +12,25 @@ import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from .model import Claim, Item
-
-if TYPE_CHECKING:
-    from .app import Processor
-    from .worker import Worker
+from ..model import Claim, Item, Processor, Token
+from .outcomes import OutcomeBuffer, RunState
+from .runner import SETTLED, Runner
 
 log = logging.getLogger("conveyor.worker")
 
 IDLE_MAX = 0.5  # longest idle sleep between claims when no wake-up arrives
 POLL_MIN = 0.005  # first re-poll of a queue that came back short, doubling up to IDLE_MAX
-#: returned by Worker.run_sync when a transactional run settled its items itself
-SETTLED = object()
 
 
 class Lane:
     """One processor's share of a worker: its in-flight items and the runners that handle them."""
 
-    def __init__(self, worker: "Worker", processor: "Processor"):
-        self.worker = worker
+    def __init__(self, processor: Processor, runner: Runner, outcomes: OutcomeBuffer, state: RunState):
+        self.runner = runner
+        self.outcomes = outcomes
+        self.state = state
         self.processor = processor
         self.opts = processor.options
         self.claim = Claim(self.opts.queue, self.opts.batch_size, self.opts.lease_seconds,
@@ -48,6 +46,7 @@ class Lane:
         self.poll_at = 0.0
         self.poll_gap = POLL_MIN
         self.handoff = Handoff()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.async_q: asyncio.Queue[Any] | None = None
         self.threads: list[threading.Thread] = []
         #: thread ident → (monotonic start, items) of the sync handler runs under way
@@ -68,11 +67,13 @@ class Lane:
             return min(b, free)
         return min(b, free) if free >= max(1, b // 2) else 0
 
-    def tokens(self) -> list[tuple[int, int]]:
+    def tokens(self) -> list[Token]:
         with self.lock:
             return [(i, it.claim_token) for i, it in self.inflight.items()]  # type: ignore[misc]
 
-    def accept(self, items: list[Item], asked: int) -> None:
+    def accept(self, items: list[Item], asked: int, suspect_held: bool) -> None:
+        """Take claimed items into flight and hand them to the runners. `suspect_held`: some lane
+        of the worker already holds a suspect back to run alone."""
         with self.lock:
             for it in items:
                 self.inflight[it.id] = it
@@ -85,10 +86,10 @@ class Lane:
             # refunded), so a crash while the one runs strands nothing else.
             suspects = [it for it in items if is_suspect(it)]
             items = [it for it in items if not is_suspect(it)]
-            if not any(lane.suspects for lane in self.worker.lanes.values()):
+            if not suspect_held:
                 self.suspects.append(suspects.pop(0))
             if suspects:
-                self.worker.record_release(suspects)
+                self.outcomes.released(suspects)
         self.dispatch(items)
 
     def dispatch(self, items: list[Item]) -> None:
@@ -96,8 +97,8 @@ class Lane:
             return
         units: list[Any] = [items] if self.opts.batch else items
         if self.processor.is_async:
-            loop, q = self.worker.loop, self.async_q
-            assert loop is not None and q is not None
+            loop, q = self.loop, self.async_q
+            assert loop is not None and q is not None, "start_tasks() was not called"
             loop.call_soon_threadsafe(_put_all, q, units)
         else:
             self.handoff.put_many(units)
@@ -128,10 +129,29 @@ class Lane:
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the handler threads (sync handlers; async ones run as tasks: start_tasks)."""
         if self.processor.is_async:
-            return  # tasks are started by the worker on its event loop
+            return
         for _ in range(self.opts.concurrency):
             self.add_thread()
+
+    def start_tasks(self, loop: asyncio.AbstractEventLoop) -> list["asyncio.Task[None]"]:
+        """On the worker's event loop (called in its thread): the queue and `concurrency` tasks."""
+        self.loop = loop
+        self.async_q = asyncio.Queue()
+        return [loop.create_task(self.task_main()) for _ in range(self.opts.concurrency)]
+
+    def stop_runners(self) -> None:
+        """Tell the threads or tasks to finish once idle."""
+        if not self.processor.is_async:
+            self.handoff.close()
+        elif self.loop is not None and self.async_q is not None:
+            for _ in range(self.opts.concurrency):
+                self.loop.call_soon_threadsafe(self.async_q.put_nowait, None)
+
+    def join_threads(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout)
 
     def add_thread(self) -> None:
         t = threading.Thread(target=self._thread_main, name=f"conveyor-{self.opts.queue}-{len(self.threads)}", daemon=True)
@@ -146,13 +166,13 @@ class Lane:
             if unit is None:
                 break
             items = unit if isinstance(unit, list) else [unit]
-            if self.worker.stopping or all((it.id, it.claim_token) in self.lost for it in items):
-                self.worker.record_release(items)
+            if self.state.stopping or all((it.id, it.claim_token) in self.lost for it in items):
+                self.outcomes.released(items)
                 continue
             if timed:  # the watchdog's bookkeeping, only where there is a timeout to watch
                 with self.lock:
                     self.running[me] = (time.monotonic(), items)
-            exc = self.worker.run_sync(self, items)
+            exc = self.runner.run_sync(self, items)
             if timed:
                 with self.lock:
                     self.running.pop(me, None)
@@ -163,10 +183,10 @@ class Lane:
                                 self.opts.queue)
                     break
             if exc is None:
-                self.worker.record_resolved(items)
+                self.outcomes.resolved(items)
             elif exc is not SETTLED:
-                self.worker._record_result(self, items, exc)
-        self.worker.app.store.disconnect()
+                self.outcomes.failed(self.opts, items, exc)  # type: ignore[arg-type]
+        self.runner.store.disconnect()
 
     def given_up(self) -> bool:
         """True in a handler thread that timed out (checked before a transactional commit)."""
@@ -195,10 +215,10 @@ class Lane:
             if unit is None:
                 break
             items = unit if isinstance(unit, list) else [unit]
-            if self.worker.stopping:
-                self.worker.record_release(items)
+            if self.state.stopping:
+                self.outcomes.released(items)
                 continue
-            await self.worker.run_async(self, items)
+            await self.runner.run_async(self, items)
 
     def drain_unstarted(self) -> list[Item]:
         """Take back what no runner has started yet (at shutdown)."""
@@ -265,9 +285,6 @@ def _put_all(q: "asyncio.Queue[Any]", units: list[Any]) -> None:
         q.put_nowait(unit)
 
 
-RESCUED = "lease expired"  # how a rescue starts last_error (stores' _RESCUE_SQL)
-
-
 def is_suspect(item: Item) -> bool:
-    """Claimed again after its last worker died holding it."""
-    return item.attempts > 1 and (item.last_error or "").startswith(RESCUED)
+    """Claimed again after its last worker died holding it (rescued after its lease expired)."""
+    return item.attempts > 1 and item.rescued

@@ -1,0 +1,385 @@
+"""The worker: claim → dispatch → gather outcomes → settle, looping, with leases kept alive.
+
+One worker process runs:
+- the *cycle* (the thread that calls `run`): settles the outcomes gathered since the last cycle
+  and claims the next batches in one store transaction, then hands items to the lanes;
+- one *lane* per processor (lanes.py): `concurrency` threads for sync handlers, or `concurrency`
+  tasks on a shared event-loop thread for `async def` handlers, running them through the runner
+  (runner.py), which records what each run came to in the outcome buffer (outcomes.py);
+- a *keeper* thread (keeper.py): heartbeats and rescue, on its own connection, and a *watchdog*
+  thread for timeout_seconds.
+The worker receives what it uses (a store, the processors, a wake-up event), speaks to the Store
+protocol only and never sees SQL. It retries a StoreError (the database hiccuped: nothing is lost,
+the cycle is redone); anything else is a bug and stops the process, so a supervisor restarts it
+and the log says why once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Sequence
+
+from ..errors import StoreError, UsageError
+from ..model import Claim, Item, Outcomes, Processor
+from ..stores.base import Store
+from .keeper import Keeper, Watchdog
+from .lanes import IDLE_MAX, Lane
+from .outcomes import OutcomeBuffer, RunState
+from .runner import Runner
+
+log = logging.getLogger("conveyor.worker")
+
+FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
+FLUSH_MAX = 1000  # outcomes settled in one statement at most
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs the processors of an App on the chosen queues until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        processors: Sequence[Processor],
+        wakeup: threading.Event | None = None,
+        *,
+        stop_when_empty: bool = False,
+        shutdown_timeout: float = 30.0,
+        name: str | None = None,
+        prune_after: float | None = None,
+        heartbeat_interval: float | None = None,
+        rescue_interval: float | None = None,
+    ):
+        if not processors:
+            raise UsageError("no processors to run: decorate a handler with @app.processor('queue')")
+        if prune_after is not None and (not isinstance(prune_after, (int, float)) or prune_after < 0):
+            raise UsageError(f"prune_after must be a number of seconds >= 0, not {prune_after!r}")
+        self.store = store
+        #: set by a submit in this process (the App's), so idle workers here start at once
+        self.wakeup = wakeup if wakeup is not None else threading.Event()
+        self.queues = list(dict.fromkeys(p.queue for p in processors))
+        self.name = name or worker_name()
+        self.stop_when_empty = stop_when_empty
+        self.shutdown_timeout = shutdown_timeout
+        #: delete this worker's queues' resolved, dead and cancelled items once they are this old
+        self.prune_after = prune_after
+        self.state = RunState()
+        self.wake = threading.Event()
+        self.outcomes = OutcomeBuffer(self.wake)
+        self.runner = Runner(store, self.outcomes, self.wake, self.state)
+        self.lanes = {p.queue: Lane(p, self.runner, self.outcomes, self.state) for p in processors}
+        self._solo: tuple[Lane, Item] | None = None  # a suspect running alone
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
+        timeouts = [lane.opts.timeout_seconds for lane in self.lanes.values() if lane.opts.timeout_seconds]
+        lanes = list(self.lanes.values())
+        self.keeper = Keeper(
+            store, lanes, self.outcomes, self.wakeup, self._service_failed,
+            heartbeat_interval=heartbeat_interval or max(0.05, min_lease / 3),
+            rescue_interval=rescue_interval or max(0.25, min(5.0, min_lease / 2)),
+            prune_after=prune_after, prune_interval=max(10.0, min(600.0, (prune_after or 0) / 10)))
+        # its own thread, touching no database: the keeper can sit blocked in a heartbeat for as
+        # long as the database stalls (SQLite's write lock held, by a hung transactional handler
+        # say), and a timeout checked there would fire only after the hung run had finished
+        self.watchdog = Watchdog(lanes, self.outcomes, self.state, self._service_failed,
+                                 interval=max(0.02, min([1.0] + [t / 5 for t in timeouts]))) if timeouts else None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.outcomes.counts
+
+    @property
+    def stopping(self) -> bool:
+        return self.state.stopping
+
+    def _service_failed(self) -> None:
+        self.wake.set()  # the loop sees the failure and raises it
+
+    def _check_services(self) -> None:
+        for service in (self.keeper, self.watchdog):
+            if service is not None and service.failure is not None:
+                raise RuntimeError(f"{service.name} failed") from service.failure
+
+    # -- the cycle ------------------------------------------------------------------------------
+    def _wants(self) -> list[tuple[Lane, int]]:
+        if self.state.stopping or self._alone() or self._suspect_held():
+            return []  # nothing new while a suspect waits to run alone, or runs
+        now = time.monotonic()
+        return [(lane, n) for lane in self.lanes.values() if lane.ready(now) and (n := lane.wanted())]
+
+    def _cycle(self, out: Outcomes) -> list[tuple[Lane, int, list[Item]]]:
+        """Settle outcomes, then claim what the freed capacity allows, atomically (one statement
+        on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
+        if out:
+            settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+            for lane in self.lanes.values():
+                if lane.inflight and lane.settled(settled) and lane.opts.ordered:
+                    lane.dry = False  # settling may unblock the next item of a key: claim again
+        wants = self._wants()
+        claims = [lane.claim if n == lane.claim.limit else Claim(
+            lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
+            for lane, n in wants]
+        lost, batches = self.store.settle_and_claim(out, claims, self.name)
+        lost_set = set(lost)
+        for key, entries in (("resolved", out.resolved), ("retried", out.retried),
+                             ("dead", out.failed), ("released", out.released)):
+            self.outcomes.count(key, sum(1 for e in entries if e[0] not in lost_set))
+        if lost:
+            self.outcomes.count("lost", len(lost))
+            log.warning("lease lost on item(s) %s: their results were refused (another worker holds them now)",
+                        ", ".join(map(str, sorted(lost)[:20])))
+        return [(lane, n, items) for (lane, n), items in zip(wants, batches)]
+
+    def _inflight_total(self) -> int:
+        return sum(len(lane.inflight) for lane in self.lanes.values())
+
+    def run(self, install_signal_handlers: bool = True) -> dict[str, int]:
+        """Work until stopped; returns the counts (claimed, resolved, retried, dead, released,
+        lost, rescued). Raises what a bug raised, after stopping every thread."""
+        restore = self._install_signals() if install_signal_handlers else None
+        self._migrate_at_start()
+        log.info("worker %s started on %s", self.name, ", ".join(self.queues))
+        try:
+            self._start_runners()
+            self._loop()
+        finally:
+            self._stop_runners()
+            if restore:
+                restore()
+            log.info("worker %s stopped: %s", self.name, self.counts)
+        return dict(self.counts)
+
+    def _migrate_at_start(self) -> None:
+        """The first touch of the database: a hiccup here (a dropped connection) is retried for a
+        while, like any in the loop, instead of killing the worker; a usage error is not."""
+        for attempt in range(1, 9):
+            try:
+                self.store.migrate()
+                return
+            except StoreError as exc:
+                if attempt == 8 or self.state.stopping:
+                    raise
+                log.warning("database error at start (attempt %d), retrying: %s", attempt, exc)
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
+
+    def _loop(self) -> None:
+        deadline: float | None = None
+        trouble = 0  # consecutive database failures
+        while True:
+            self._check_services()
+            if self.state.stopping and deadline is None:
+                deadline = time.monotonic() + self.shutdown_timeout
+                for lane in self.lanes.values():
+                    back = lane.drain_unstarted() if not lane.processor.is_async else list(lane.suspects)
+                    lane.suspects.clear()
+                    if back:
+                        self.outcomes.released(back)
+            try:
+                outcome = self._step(deadline)
+                trouble = 0
+            except StoreError as exc:  # the database hiccuped: nothing is lost, the step is redone
+                trouble += 1
+                pause = min(5.0, 0.05 * 2 ** min(trouble, 10))
+                log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause, exc)
+                if self.state.stopping and (self.state.forced or deadline is not None and time.monotonic() > deadline):
+                    log.warning("giving up at shutdown: unsettled items will be rescued when their leases expire")
+                    return
+                self.wake.wait(pause)
+                self.wake.clear()
+                continue
+            if outcome == "stop":
+                return
+
+    def _step(self, deadline: float | None) -> str:
+        """One cycle of the loop: settle, claim, dispatch, then wait. Says 'stop', 'busy' (claimed
+        something), 'idle' (nothing in flight) or 'waiting'."""
+        out = self.outcomes.take()
+        claimed_any = False
+        if out or self._wants():
+            try:
+                cycled = self._cycle(out)
+            except BaseException:
+                self.outcomes.restore(out)
+                raise
+            for lane, asked, items in cycled:
+                if items:
+                    claimed_any = True
+                    self.outcomes.count("claimed", len(items))
+                    lane.accept(items, asked, self._suspect_held())
+                else:
+                    lane.mark_dry()
+        inflight = self._inflight_total()
+        if not self.state.stopping and self._suspect_held():
+            self._run_suspect(inflight)
+        self.outcomes.flush_at = max(1, min(FLUSH_MAX, inflight))
+        if self.state.stopping:
+            if inflight == 0:
+                return "stop"
+            if self.state.forced or deadline is not None and time.monotonic() > deadline:  # a second signal: now
+                self._abandon_running()
+                return "stop"
+        elif (
+            self.stop_when_empty and inflight == 0 and not claimed_any
+            and all(lane.dry for lane in self.lanes.values()) and not self.store.has_work(self.queues)
+        ):
+            log.info("queues %s are empty: stopping", ", ".join(self.queues))
+            return "stop"
+        if claimed_any:
+            return "busy"
+        self._wait()
+        return "idle" if inflight == 0 else "waiting"
+
+    def _run_suspect(self, inflight: int) -> None:
+        """Run one suspect item, alone in this process. A suspect's last worker died while holding
+        it (its lease was rescued), perhaps killed by this very item (a segfault, os._exit, the OOM
+        killer). Running it with nothing else in flight and every other outcome already settled
+        means that if it kills this worker too, only its own attempt is spent: a poison item goes
+        dead after max_attempts without taking innocent batch-mates with it."""
+        if inflight != sum(len(lane.suspects) for lane in self.lanes.values()):
+            return  # something else still runs or waits: its outcome must be settled first
+        if self.outcomes.waiting()[0]:
+            return
+        lane = next(lane for lane in self.lanes.values() if lane.suspects)
+        item = lane.suspects.popleft()
+        log.warning("running item %s of %r alone: the worker that held it died (attempt %s/%s)",
+                    item.id, lane.opts.queue, item.attempts, lane.opts.max_attempts)
+        self._solo = (lane, item)
+        lane.dispatch([item])
+
+    def _suspect_held(self) -> bool:
+        return any(lane.suspects for lane in self.lanes.values())
+
+    def _alone(self) -> bool:
+        """True while a suspect runs alone (until its outcome is settled)."""
+        if self._solo is None:
+            return False
+        lane, item = self._solo
+        held = lane.inflight.get(item.id)
+        if held is not None and held.claim_token == item.claim_token:
+            return True
+        self._solo = None
+        return False
+
+    def _wait(self) -> None:
+        """Sleep until something is worth a cycle: enough outcomes, a wake-up, or new data."""
+        pending, first = self.outcomes.waiting()
+        if pending:
+            # Let outcomes gather for a moment so one statement settles many of them.
+            left = first + FLUSH_INTERVAL - time.monotonic()
+            if pending < self.outcomes.flush_at and left > 0 and not self.state.stopping:
+                self.wake.wait(left)
+            self.wake.clear()
+            return
+        hungry = [lane for lane in self.lanes.values() if lane.dry and lane.wanted()]
+        if hungry and not self.state.stopping:
+            timeout = min(IDLE_MAX, max(0.0, min(lane.poll_at for lane in hungry) - time.monotonic()))
+            changed = self.store.wait_for_change(timeout, _AnyEvent(self.wake, self.wakeup))
+            if changed or self.wakeup.is_set():
+                self.wakeup.clear()
+                for lane in hungry:
+                    lane.dry = False
+        else:
+            self.wake.wait(IDLE_MAX)
+        self.wake.clear()
+
+    def _abandon_running(self) -> None:
+        """Shutdown timed out: the items still running count their attempt and go back for a retry."""
+        entries = []
+        for lane in self.lanes.values():
+            for i, t in lane.tokens():
+                entries.append((i, t, 0.0, f"worker {self.name} shut down after {self.shutdown_timeout}s "
+                                            "while the handler was still running"))
+        if entries:
+            log.warning("shutdown timeout: %d item(s) still running are sent back for a retry", len(entries))
+            self._cycle(Outcomes(retried=entries))
+
+    # -- runners and keeper ---------------------------------------------------------------------
+    def _start_runners(self) -> None:
+        if any(lane.processor.is_async for lane in self.lanes.values()):
+            ready = threading.Event()
+            self._loop_thread = threading.Thread(target=self._loop_main, args=(ready,), name="conveyor-async", daemon=True)
+            self._loop_thread.start()
+            ready.wait()
+        for lane in self.lanes.values():
+            lane.start()
+        self.keeper.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    def _loop_main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        tasks = [t for lane in self.lanes.values() if lane.processor.is_async for t in lane.start_tasks(loop)]
+        loop.call_soon(ready.set)
+        loop.run_forever()
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+    def _stop_runners(self) -> None:
+        self.state.stopping = True
+        for lane in self.lanes.values():
+            lane.stop_runners()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self._loop_thread:
+                self._loop_thread.join(timeout=2)
+        self.keeper.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        for lane in self.lanes.values():
+            lane.join_threads(0.5)
+
+    # -- stopping -------------------------------------------------------------------------------
+    def stop(self, force: bool = False) -> None:
+        """Ask the worker to stop: claim nothing more, finish what runs (within shutdown_timeout),
+        give back what has not started. force=True gives up on running handlers at once."""
+        if force:
+            self.state.forced = True
+            self.shutdown_timeout = 0
+        self.state.stopping = True
+        self.wake.set()
+
+    def _install_signals(self):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handle(signum: int, frame: Any) -> None:
+            if self.state.stopping:
+                log.warning("second signal: stopping now")
+                self.stop(force=True)
+            else:
+                log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
+                self.stop()
+
+        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+class _AnyEvent:
+    """Looks like one Event, is set when any of several is."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+

@@ -1,0 +1,127 @@
+"""What handler runs came to, gathered between two cycles so one store call settles many of them,
+and the worker's counters.
+
+Handler threads, event-loop tasks, the watchdog and the cycle all record here; the cycle takes the
+lot (`take`) and, if the store fails, puts it back in front (`restore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Fail, Retry
+from ..model import Item, Outcomes, QueueOptions
+from .backoff import backoff_delay
+
+log = logging.getLogger("conveyor.worker")
+
+COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "lost", "rescued")
+
+
+@dataclass
+class RunState:
+    """The worker's switches, read by every lane and runner: stop claiming and starting; give up on
+    running handlers at once (a second signal)."""
+
+    stopping: bool = False
+    forced: bool = False
+
+
+def error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+def summary(text: str | None) -> str:
+    """The line of an item's last_error worth a log line: a traceback's last (the exception)."""
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+class OutcomeBuffer:
+    """Outcomes waiting to be settled, and counts of what this worker did."""
+
+    def __init__(self, wake: threading.Event):
+        #: set when outcomes are worth a cycle (the first one, or enough to fill a settle)
+        self.wake = wake
+        self._out = Outcomes()
+        self._lock = threading.Lock()
+        self._first = 0.0
+        #: outcomes that make a cycle worth running at once (the cycle sets it from what runs)
+        self.flush_at = 1
+        self.counts = {key: 0 for key in COUNTERS}
+
+    # -- recording (any thread) -------------------------------------------------------------------
+    def _add(self, add: Any, n: int) -> None:
+        with self._lock:
+            before = len(self._out)
+            add(self._out)
+            if before == 0:
+                self._first = time.monotonic()
+        if before == 0 or before + n >= self.flush_at:
+            self.wake.set()
+
+    def resolved(self, items: list[Item]) -> None:
+        """The hot path: a handler returned."""
+        with self._lock:
+            before = len(self._out)
+            self._out.resolved.extend([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+            if before == 0:
+                self._first = time.monotonic()
+        if before == 0 or before + len(items) >= self.flush_at:
+            self.wake.set()
+
+    def released(self, items: list[Item]) -> None:
+        """Claimed but never started: back to pending, the attempt given back."""
+        self._add(lambda o: o.released.extend((it.id, it.claim_token) for it in items), len(items))
+
+    def failed(self, opts: QueueOptions, items: list[Item], exc: BaseException) -> None:
+        """A handler raised (or was given up on): Fail → dead, anything else → retry with backoff,
+        or dead once the attempts are spent (the store decides, by the item's attempts)."""
+        toks = [(it.id, it.claim_token) for it in items]
+        if isinstance(exc, Fail):
+            reason = f"Fail: {exc.reason}"
+            self._add(lambda o: o.failed.extend((i, t, reason) for i, t in toks), len(items))  # type: ignore[misc]
+            return
+        if isinstance(exc, Retry):
+            text = f"Retry: {exc.reason}"
+        else:
+            text = error_text(exc)
+            first = items[0]
+            log.warning("handler for %r raised on item %s (attempt %s/%s): %s",
+                        opts.queue, first.id if len(items) == 1 else f"batch of {len(items)}",
+                        first.attempts, opts.max_attempts, f"{type(exc).__name__}: {exc}")
+        entries = []
+        for (i, t), it in zip(toks, items):
+            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(
+                it.attempts, opts.backoff_base, opts.backoff_max)
+            entries.append((i, t, delay, text))
+        self._add(lambda o: o.retried.extend(entries), len(items))
+
+    def count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    # -- the cycle --------------------------------------------------------------------------------
+    def take(self) -> Outcomes:
+        with self._lock:
+            out, self._out = self._out, Outcomes()
+        return out
+
+    def restore(self, out: Outcomes) -> None:
+        """A settle failed: put its outcomes back in front of any gathered since."""
+        if not out:
+            return
+        with self._lock:
+            out.extend(self._out)
+            self._out = out
+            self._first = time.monotonic()
+
+    def waiting(self) -> tuple[int, float]:
+        """How many outcomes wait, and since when (monotonic)."""
+        with self._lock:
+            return len(self._out), self._first

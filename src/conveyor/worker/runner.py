@@ -1,0 +1,124 @@
+"""Running a handler on claimed items: plain, or transactional (its writes and the items'
+resolution commit together or not at all), in a thread or on the event loop. What a run comes to
+goes to the outcome buffer; a transactional run settles its items itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Protocol, Sequence
+
+from ..errors import LeaseLost
+from ..model import Item, Processor, QueueOptions
+from ..stores.base import Store
+from .outcomes import OutcomeBuffer, RunState
+
+log = logging.getLogger("conveyor.worker")
+
+#: returned by Runner.run_sync when a transactional run settled its items itself
+SETTLED = object()
+
+
+class Lane(Protocol):
+    """What a run needs of its lane (lanes.Lane)."""
+
+    processor: Processor
+    opts: QueueOptions
+    dry: bool
+
+    def given_up(self) -> bool: ...
+
+    def settled(self, claims: Sequence[Sequence[Any]]) -> int: ...
+
+
+class Runner:
+    """Runs handlers for the lanes of one worker."""
+
+    def __init__(self, store: Store, outcomes: OutcomeBuffer, wake: threading.Event, state: RunState):
+        self.store = store
+        self.outcomes = outcomes
+        #: set when a transactional run settled items (an ordered key may move on)
+        self.wake = wake
+        self.state = state
+
+    def run_sync(self, lane: Lane, items: list[Item]) -> BaseException | None | object:
+        """Run a sync handler; returns its exception, None on success, or SETTLED when a
+        transactional run settled the items itself."""
+        arg: Any = items if lane.opts.batch else items[0]
+        if lane.opts.transactional:
+            return self._run_transactional(lane, items, arg)
+        try:
+            lane.processor.handler(arg)
+        except BaseException as exc:  # a handler's failure never stops the worker
+            return exc
+        return None
+
+    def _run_transactional(self, lane: Lane, items: list[Item], arg: Any) -> BaseException | None | object:
+        """The handler's writes and the items' resolution commit together, or not at all."""
+        store = self.store
+        try:
+            with store.transaction() as conn:
+                lane.processor.handler(arg, conn)
+                if lane.given_up():
+                    raise LeaseLost([it.id for it in items], "handler ran past timeout_seconds: its writes are rolled back")
+                lost = store.resolve([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                if lost:
+                    raise LeaseLost(lost)
+        except LeaseLost as exc:
+            log.warning("%s: the handler's writes were rolled back", exc)
+            self.outcomes.count("lost", len(items))
+        except BaseException as exc:
+            return exc
+        else:
+            self.outcomes.count("resolved", len(items))
+        self._settled_itself(lane, items)
+        return SETTLED
+
+    def _settled_itself(self, lane: Lane, items: list[Item]) -> None:
+        lane.settled([(it.id, it.claim_token) for it in items])
+        if lane.opts.ordered:
+            lane.dry = False  # the next item of this key may start now
+        self.wake.set()
+
+    async def run_async(self, lane: Lane, items: list[Item]) -> None:
+        arg: Any = items if lane.opts.batch else items[0]
+        try:
+            if lane.opts.transactional:
+                await self._run_async_transactional(lane, items, arg)
+                return
+            await self._bounded(lane, lane.processor.handler(arg))
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and self.state.forced:
+                raise
+            self.outcomes.failed(lane.opts, items, exc)
+        else:
+            self.outcomes.resolved(items)
+
+    @staticmethod
+    async def _bounded(lane: Lane, coro: Any) -> Any:
+        """Await a handler, cancelling it past timeout_seconds."""
+        timeout = lane.opts.timeout_seconds
+        if timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"handler ran past timeout_seconds={timeout:g} and was cancelled") from None
+
+    async def _run_async_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
+        """As _run_transactional, on a connection of the handler's own (async where the driver is)."""
+        store = self.store
+        try:
+            async with store.async_transaction() as conn:
+                await self._bounded(lane, lane.processor.handler(arg, conn))
+                lost = await store.resolve_in(conn, [(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                if lost:
+                    raise LeaseLost(lost)
+        except LeaseLost as exc:
+            log.warning("%s: the handler's writes were rolled back", exc)
+            self.outcomes.count("lost", len(items))
+        else:
+            self.outcomes.count("resolved", len(items))
+        # any other exception propagates to run_async, which records it for a retry
+        self._settled_itself(lane, items)
