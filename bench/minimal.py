@@ -60,7 +60,7 @@ PG_CLAIM = ("UPDATE q SET status = 'running', lease_owner = %s, lease_expires_at
             "attempts = attempts + 1, updated_at = now() WHERE id IN (SELECT id FROM q WHERE status = 'pending' "
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload")
 PG_RESOLVE = "UPDATE q SET status = 'done', updated_at = now() WHERE id = ANY(%s::bigint[]) AND lease_owner = %s"
-PG_NOTIFY = "SELECT pg_notify('q', '')"
+PG_SUBMIT = "WITH i AS (INSERT INTO q (payload) VALUES (%s) RETURNING id) SELECT pg_notify('q', '') FROM i"
 
 
 # -- SQLite --------------------------------------------------------------------------------------
@@ -169,6 +169,84 @@ def pg_counts(url: str) -> dict[str, int]:
 
     with psycopg.connect(url) as conn:
         return dict(conn.execute("SELECT status, count(*) FROM q GROUP BY status").fetchall())
+
+
+# -- serving: waiting for new items (bench.latency's minimal reference) ----------------------------
+
+POLL = 0.001
+
+
+def serve(store: str, url: str, batch_size: int, stop: Any, on_rows=None) -> int:
+    """Claim and resolve until `stop` is set, waiting for new items when a claim comes back empty:
+    SQLite polls the claim every millisecond; PostgreSQL LISTENs on channel q (the submitter's
+    insert NOTIFYs it in the same statement) and claims on each notification, re-checking `stop`
+    every 50 ms. `on_rows(rows)` sees each claimed batch before it is resolved."""
+    owner = f"min:{os.getpid()}"
+    done = 0
+    if store == "sqlite":
+        conn = sqlite_connect(url.removeprefix("sqlite:///"))
+        while True:
+            rows = sqlite_claim(conn, owner, batch_size)
+            if rows:
+                if on_rows:
+                    on_rows(rows)
+                sqlite_resolve(conn, owner, rows)
+                done += len(rows)
+                continue
+            if stop.is_set():
+                break
+            time.sleep(POLL)
+        conn.close()
+        return done
+    import psycopg
+
+    with pg_connect(url) as conn, psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN q")
+        while True:
+            rows = pg_claim(conn, owner, batch_size)
+            if rows:
+                if on_rows:
+                    on_rows(rows)
+                pg_resolve(conn, owner, rows)
+                done += len(rows)
+                continue
+            if stop.is_set():
+                break
+            for _ in listener.notifies(timeout=0.05, stop_after=1):
+                pass
+            for _ in listener.notifies(timeout=0):
+                pass
+    return done
+
+
+def submitter(store: str, url: str):
+    """(submit(payload dict), close): one autocommit insert per call; on PostgreSQL the insert and
+    its NOTIFY are one statement, delivered at its commit."""
+    if store == "sqlite":
+        conn = sqlite_connect(url.removeprefix("sqlite:///"))
+
+        def submit(payload: dict) -> None:
+            conn.execute(SQLITE_INSERT, (json.dumps(payload, separators=(",", ":")), time.time()))
+
+        return submit, conn.close
+    conn = pg_connect(url)
+
+    def submit_pg(payload: dict) -> None:
+        conn.execute(PG_SUBMIT, (json.dumps(payload, separators=(",", ":")),))
+
+    return submit_pg, conn.close
+
+
+def create(store: str, url: str) -> None:
+    """The empty schema in a fresh database (a sqlite:/// URL or a PostgreSQL one)."""
+    if store == "sqlite":
+        sqlite_create(url.removeprefix("sqlite:///"))
+    else:
+        pg_create(url)
+
+
+def counts(store: str, url: str) -> dict[str, int]:
+    return sqlite_counts(url.removeprefix("sqlite:///")) if store == "sqlite" else pg_counts(url)
 
 
 # -- the drain -----------------------------------------------------------------------------------
