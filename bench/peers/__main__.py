@@ -18,8 +18,10 @@ Rows:
                             shows all done; "from fork" = the workers' fork → all done, the same
                             span as our rows' drain (PgQueuer: for each --pgqueuer-batch, the best
                             reported; procrastinate: for each --procrastinate-concurrency)
-`× minimal` is drain/s over the same store's minimal loop; the Redis peers are set against the
-PostgreSQL minimal loop (the durable ceiling; Redis here does not persist). Latency (PostgreSQL
+`× minimal` is drain/s over the same store's minimal loop (minimal/s, shown): for our rows the
+minimal row; for each peer a PostgreSQL minimal run made right before its drain (the Redis peers
+too: the durable ceiling; Redis here does not persist), so that the machine's drift over the
+minutes of a run hits both. Latency (PostgreSQL
 and the peers only): submit → handler start with idle workers, 1 item / 5 ms from another process.
 One JSON line per row is appended to bench/results/peers.jsonl (with the load average).
 """
@@ -66,8 +68,8 @@ def run_peer(args: argparse.Namespace, name: str, workload: str, extra: list[str
 
 def best_drain(args: argparse.Namespace, name: str, flag: str | None, values: list[int]) -> dict:
     runs = [run_peer(args, name, "drain", [flag, str(v)] if flag else []) for v in (values if flag else [None])]
-    for r in runs:
-        label = f"{name} {flag} {r.get('config', {}).get('batch_size') or r.get('config', {}).get('concurrency') or ''}"
+    for v, r in zip(values if flag else [None], runs):
+        label = f"{name} {flag} {v}" if flag else name
         console.print(f"  {label}: " + (f"[red]{r['error']}[/]" if "error" in r else
                                         f"submit {r['submit_per_s']:,.0f}/s, drain {r['drain_per_s']:,.0f}/s"))
     ok = [r for r in runs if "error" not in r]
@@ -133,9 +135,15 @@ def peer_rows(args: argparse.Namespace) -> list[dict]:
         console.print(f"[bold]{name}[/]: drain {args.n:,} …")
         flag, values = {"pgqueuer": ("--batch", args.pgqueuer_batch),
                         "procrastinate": ("--concurrency", args.procrastinate_concurrency)}.get(name, (None, []))
+        if args.adjacent_minimal:
+            # the ceiling measured right before this peer, so that drift in the machine's load over
+            # the minutes of a run hits the peer and its reference alike
+            adjacent = minimal.run("postgres", args.n, 2, 100, admin_url=args.pg)["minimal_per_s"]
         r = best_drain(args, name, flag, values)
         row = {"system": name, "store": r.get("store", "postgres" if name in ("pgqueuer", "procrastinate") else "redis"),
                "peer_result": r}
+        if args.adjacent_minimal:
+            row["adjacent_minimal_per_s"] = round(adjacent, 1)
         if "error" in r:
             row["error"] = r["error"]
         else:
@@ -167,10 +175,11 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         ref = "postgres" if r["store"] == "redis" else r["store"]
         r["minimal_reference"] = f"minimal {ref}"
-        if r.get("drain_per_s") and ceiling.get(ref):
-            r["minimal_per_s"] = round(ceiling[ref], 1)
-            r["ratio_to_minimal"] = round(r["drain_per_s"] / ceiling[ref], 3)
-            r["from_fork_ratio_to_minimal"] = round(r["from_fork_per_s"] / ceiling[ref], 3)
+        c = r.get("adjacent_minimal_per_s") or ceiling.get(ref)
+        if r.get("drain_per_s") and c:
+            r["minimal_per_s"] = round(c, 1)
+            r["ratio_to_minimal"] = round(r["drain_per_s"] / c, 3)
+            r["from_fork_ratio_to_minimal"] = round(r["from_fork_per_s"] / c, 3)
         if r.get("lat_p50") is not None and lat_ceiling.get(ref):
             r["lat_p50_ratio_to_minimal"] = round(r["lat_p50"] / lat_ceiling[ref], 2)
 
@@ -178,7 +187,7 @@ def add_ratios(rows: list[dict]) -> None:
 def table(rows: list[dict], n: int, load: tuple) -> Table:
     t = Table(title=f"{n:,} items, 2 worker processes, no-op handler; load average before "
                     f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
-    for col in ("system", "store", "config", "submit/s", "drain/s", "× minimal", "from fork/s", "× minimal ",
+    for col in ("system", "store", "config", "submit/s", "drain/s", "minimal/s", "× minimal", "from fork/s", "× minimal ",
                 "lat p50 ms", "lat p99 ms", "after submit p50 ms"):
         t.add_column(col, justify="left" if col in ("system", "store", "config") else "right")
     num = lambda v: "—" if v is None else f"{v:,.0f}"  # noqa: E731
@@ -187,9 +196,10 @@ def table(rows: list[dict], n: int, load: tuple) -> Table:
         c = r.get("config") or {}
         short = ", ".join(f"{k}={c[k]}" for k in ("batch_size", "concurrency", "pool", "worker", "cycle") if k in c)
         if "error" in r:
-            t.add_row(r["system"], r["store"], "", f"[red]error: {r['error'][:60]}[/]", *[""] * 7)
+            t.add_row(r["system"], r["store"], "", f"[red]error: {r['error'][:60]}[/]", *[""] * 8)
             continue
         t.add_row(r["system"], r["store"], short[:40], num(r.get("submit_per_s")), num(r.get("drain_per_s")),
+                  num(r.get("minimal_per_s")),
                   "—" if r.get("ratio_to_minimal") is None else f"{r['ratio_to_minimal']:.3f}",
                   num(r.get("from_fork_per_s")),
                   "—" if r.get("from_fork_ratio_to_minimal") is None else f"{r['from_fork_ratio_to_minimal']:.3f}",
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="stores for the minimal, raw and conveyor rows")
     ap.add_argument("--pgqueuer-batch", type=int, nargs="+", default=[10, 100, 500])
     ap.add_argument("--procrastinate-concurrency", type=int, nargs="+", default=[10])
+    ap.add_argument("--no-adjacent-minimal", dest="adjacent_minimal", action="store_false",
+                    help="set each peer against the one PostgreSQL minimal run of the minimal row, rather than "
+                         "against a minimal run made right before that peer's drain (the default)")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="0 for no latency runs")
     ap.add_argument("--no-latency", dest="latency_seconds", action="store_const", const=0.0)
     ap.add_argument("--peers-python", default=PEERS_PYTHON, help="the peers' venv python (default %(default)s)")
