@@ -194,11 +194,12 @@ def table(rows: list[dict], n: int, load: tuple) -> Table:
     ms = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         c = r.get("config") or {}
-        short = ", ".join(f"{k}={c[k]}" for k in ("batch_size", "concurrency", "pool", "worker", "cycle") if k in c)
+        names = {"batch_size": "batch", "concurrency": "conc", "pool": "pool", "worker": "", "cycle": ""}
+        short = " ".join(f"{names[k]} {c[k]}".strip() for k in names if k in c)
         if "error" in r:
             t.add_row(r["system"], r["store"], "", f"[red]error: {r['error'][:60]}[/]", *[""] * 8)
             continue
-        t.add_row(r["system"], r["store"], short[:40], num(r.get("submit_per_s")), num(r.get("drain_per_s")),
+        t.add_row(r["system"], r["store"], short, num(r.get("submit_per_s")), num(r.get("drain_per_s")),
                   num(r.get("minimal_per_s")),
                   "—" if r.get("ratio_to_minimal") is None else f"{r['ratio_to_minimal']:.3f}",
                   num(r.get("from_fork_per_s")),
