@@ -34,3 +34,17 @@ bench-quick: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# the peers (PgQueuer, procrastinate, Celery, RQ) in their own venv, pinned; bench/README.md
+PEERS_VENV := bench/peers/.venv
+.PHONY: bench-peers-venv bench-peers
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/peers/requirements.txt
+	touch $@
+
+bench-peers-venv: $(PEERS_VENV)/.installed
+
+bench-peers: $(BIN)/.installed $(PEERS_VENV)/.installed
+	$(BIN)/python -m bench.peers

@@ -85,6 +85,9 @@ def summary(results: dict[str, list[dict]], quick: bool, started: float, load: t
         "PG ≥ 25,000 & ≥ 0.80× raw; SQLite ≥ 50,000 & ≥ 0.75× raw")
     add("throughput: CPU µs/item, conveyor vs raw",
         lambda s: f"{tp(s)['drain_cpu_us_per_item']} vs {tp(s)['raw_cpu_us_per_item']} ({_x(tp(s).get('cpu_ratio_to_raw'))})" if tp(s) else "—")
+    add("throughput: minimal bare loop drain/s; conveyor × minimal (raw × minimal)",
+        lambda s: (f"{_f(tp(s)['minimal_per_s'])}; {_x(tp(s)['ratio_to_minimal'])} ({_x(tp(s)['raw_ratio_to_minimal'])})"
+                   if tp(s) and tp(s).get("minimal_per_s") else "—"))
     for s_items in ((200_000,) if not quick else ()):
         big = lambda s: (by["throughput"].get(s) or {}).get(s_items)  # noqa: E731
         add(f"throughput {s_items:,}: submit/s; drain/s (× raw)",
@@ -93,6 +96,10 @@ def summary(results: dict[str, list[dict]], quick: bool, started: float, load: t
     add("latency submit→handler start, p50 ms (× raw)",
         lambda s: f"{lat(s)['p50']:.2f} ({_x(lat(s)['p50_ratio_to_raw'])} raw {lat(s)['raw_p50']:.2f})" if lat(s) else "—",
         "PG ≤ 3; SQLite ≤ 2")
+    add("latency p50 / p99 ms, minimal bare loop (conveyor × minimal)",
+        lambda s: (f"{lat(s)['minimal_p50']:.2f} / {lat(s)['minimal_p99']:.2f} "
+                   f"({_x(lat(s)['p50_ratio_to_minimal'])} / {_x(lat(s)['p99_ratio_to_minimal'])})"
+                   if lat(s) and lat(s).get("minimal_p50") is not None else "—"))
     add("latency p95 ms (× raw)",
         lambda s: f"{lat(s)['p95']:.2f} ({_x(lat(s)['p95_ratio_to_raw'])} raw {lat(s)['raw_p95']:.2f})" if lat(s) else "—")
     add("latency p99 ms (× raw)",

@@ -10,8 +10,13 @@ Per store, in one invocation:
   raw       the same submitter (the App's submit, same schema); 2 bare processes that claim with the
             store's statement (SQLite: polled every 1 ms; PostgreSQL: LISTEN + claim), recording
             now - t for every row claimed, then resolving it.
+  minimal   the minimal bare loop (bench.minimal: one table, one partial index): a submitter doing
+            one autocommit INSERT per item (PostgreSQL: INSERT and NOTIFY in one statement); 2
+            processes claiming 100 at a time with its one-statement claim (SQLite: polled every
+            1 ms; PostgreSQL: LISTEN + claim), recording now - t at claim, then resolving.
 Counts are checked from the store (app.stats()): every submitted item resolved, nothing else; and
-one latency sample per item. Figures: p50/p95/p99/max in ms, and each one's ratio to raw's.
+one latency sample per item. Figures: p50/p95/p99/max in ms, and each one's ratio to raw's and
+to the minimal loop's (minimal_*; --no-minimal skips that run).
 
     python -m bench.latency [--store sqlite|postgres|all] [--seconds 10] [--interval-ms 5]
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -32,7 +38,7 @@ from rich.table import Table
 
 import conveyor
 
-from . import raw_serve
+from . import minimal, raw_serve
 from .common import (PG_ADMIN_URL, QUEUE, base_line, fresh_url, percentile, ratio, record, run_workers,
                      start_process, stop_process, stores_from, wait_until)
 
@@ -66,19 +72,24 @@ def _read(folder: str) -> dict[int, int]:
     return out
 
 
-def _submitter(url: str, seconds: float, interval: float, out: Any) -> None:
+def _submitter(url: str, seconds: float, interval: float, out: Any, store: str | None = None) -> None:
     """Submit one item per interval on an absolute schedule (a late tick submits at once, no burst
     catch-up beyond that); report (count, worst slip in ms)."""
     try:
-        out.put(_submit_loop(url, seconds, interval))
+        out.put(_submit_loop(url, seconds, interval, store))
     except BaseException:  # noqa: BLE001 - report it to the parent instead of hanging it
         import traceback
 
         out.put(("error", traceback.format_exc(), None))
 
 
-def _submit_loop(url: str, seconds: float, interval: float) -> tuple[int, float]:
-    app = conveyor.App(url)
+def _submit_loop(url: str, seconds: float, interval: float, store: str | None = None) -> tuple[int, float]:
+    """Through the App's submit; with `store`, through the minimal loop's insert instead."""
+    if store is None:
+        app = conveyor.App(url)
+        submit, close = (lambda payload: app.submit(QUEUE, payload)), app.close
+    else:
+        submit, close = minimal.submitter(store, url)
     n = int(seconds / interval)
     slip = 0.0
     took: list[int] = []  # each submit call's own duration (ns): BEGIN … INSERT … COMMIT (and NOTIFY)
@@ -91,17 +102,17 @@ def _submit_loop(url: str, seconds: float, interval: float) -> tuple[int, float]
         else:
             slip = max(slip, -wait)
         t = time.time_ns()
-        app.submit(QUEUE, {"t": t, "i": i})
+        submit({"t": t, "i": i})
         took.append(time.time_ns() - t)
-    app.close()
+    close()
     return n, slip * 1000, took
 
 
-def _submit_trickle(url: str, seconds: float, interval: float) -> tuple[int, float, list[int]]:
+def _submit_trickle(url: str, seconds: float, interval: float, store: str | None = None) -> tuple[int, float, list[int]]:
     import multiprocessing
 
     q = multiprocessing.get_context("fork").Queue()
-    p = start_process(_submitter, url, seconds, interval, q)
+    p = start_process(_submitter, url, seconds, interval, q, store)
     n, slip, took = q.get(timeout=seconds + 120)
     p.join()
     if n == "error":
@@ -205,6 +216,47 @@ def run_raw(store: str, url: str, seconds: float, interval: float) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_minimal(store: str, url: str, seconds: float, interval: float) -> dict:
+    """The minimal bare loop's latency: its own schema, its own submitter, 2 serving processes."""
+    import multiprocessing
+
+    folder = tempfile.mkdtemp(prefix="conveyor_lat_min_")
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    try:
+        minimal.create(store, url)
+
+        def main() -> None:
+            write = _appender(folder)
+
+            def on_rows(rows: list) -> None:
+                now = time.time_ns()
+                for r in rows:
+                    p = json.loads(r[1])
+                    write(p["i"], now - p["t"])
+
+            minimal.serve(store, url, 100, stop, on_rows)
+
+        procs = [ctx.Process(target=main) for _ in range(PROCESSES)]
+        for p in procs:
+            p.start()
+        try:
+            time.sleep(1.0)
+            n, slip, took = _submit_trickle(url, seconds, interval, store)
+            wait_until(lambda: len(_read(folder)) >= n, 30)
+        finally:
+            raw_serve.stop_all(procs, stop)
+        samples = _read(folder)
+        got = minimal.counts(store, url)
+        if got != {"done": n} or len(samples) != n:
+            raise RuntimeError(f"minimal latency: the table holds {got} and {len(samples)} latency samples were "
+                               f"written; expected {n} done and as many samples")
+        return {"minimal_submitted": n, "minimal_submit_slip_max_ms": round(slip, 2),
+                **_split(samples, took, "minimal_")}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def bench_store(store: str, args: argparse.Namespace) -> dict:
     interval = args.interval_ms / 1000
     line = base_line("latency", store, args.pg, seconds=args.seconds, interval_ms=args.interval_ms,
@@ -213,6 +265,13 @@ def bench_store(store: str, args: argparse.Namespace) -> dict:
         line.update(run_conveyor(url, args.seconds, interval))
     with fresh_url(store, args.pg, args.tmpdir, suffix="raw") as url:
         line.update(run_raw(store, url, args.seconds, interval))
+    if getattr(args, "minimal", True):
+        with fresh_url(store, args.pg, args.tmpdir, suffix="min") as url:
+            line.update(run_minimal(store, url, args.seconds, interval))
+        for k in STATS:
+            line[f"{k}_ratio_to_minimal"] = ratio(line[k], line[f"minimal_{k}"])
+        for k in ("p50", "p99"):
+            line[f"after_submit_{k}_ratio_to_minimal"] = ratio(line[f"after_submit_{k}"], line[f"minimal_after_submit_{k}"])
     for k in STATS:
         line[f"{k}_ratio_to_raw"] = ratio(line[k], line[f"raw_{k}"])
     for k in ("p50", "p99"):
@@ -223,14 +282,16 @@ def bench_store(store: str, args: argparse.Namespace) -> dict:
 def table(lines: list[dict]) -> Table:
     t = Table(title="latency: submit (one process) → handler start (another), ms; raw = bare claim loop")
     for col in ("store", "items", "p50", "p95", "p99", "max", "raw p50", "raw p95", "raw p99", "raw max",
-                "p50 ×raw", "p99 ×raw", "submit call p50", "after submit p50 / p99", "raw"):
+                "p50 ×raw", "p99 ×raw", "submit call p50", "after submit p50 / p99", "raw",
+                "minimal p50 / p99", "p50 ×min"):
         t.add_column(col, justify="left" if col == "store" else "right")
     f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     for r in lines:
         t.add_row(r["store"], str(r["submitted"]), *(f(r[k]) for k in STATS), *(f(r[f"raw_{k}"]) for k in STATS),
                   f(r["p50_ratio_to_raw"]), f(r["p99_ratio_to_raw"]), f(r["submit_call_p50"]),
                   f"{f(r['after_submit_p50'])} / {f(r['after_submit_p99'])}",
-                  f"{f(r['raw_after_submit_p50'])} / {f(r['raw_after_submit_p99'])}")
+                  f"{f(r['raw_after_submit_p50'])} / {f(r['raw_after_submit_p99'])}",
+                  f"{f(r.get('minimal_p50'))} / {f(r.get('minimal_p99'))}", f(r.get("p50_ratio_to_minimal")))
     return t
 
 
@@ -240,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--interval-ms", type=float, default=5.0)
     ap.add_argument("--quick", action="store_true", help="same as the default (10 s is already quick)")
+    ap.add_argument("--no-minimal", dest="minimal", action="store_false",
+                    help="skip the minimal bare loop's run (bench.minimal)")
     ap.add_argument("--pg", default=PG_ADMIN_URL)
     ap.add_argument("--tmpdir", default=None)
     return ap

@@ -7,7 +7,12 @@ For each store, in one invocation:
              with a no-op handler; checked from app.stats()          → drain_per_s
   3. raw     fresh database, same N items; P processes looping the
              store's claim + batched resolve through the bare driver → raw_per_s
+  4. minimal fresh database, same N items; P processes looping the minimal
+             bare loop (bench.minimal: one table, one partial index,
+             claim and resolve in one statement each)               → minimal_per_s
 ratio_to_raw = drain_per_s / raw_per_s: the share of the bare SQL's speed conveyor keeps.
+ratio_to_minimal = drain_per_s / minimal_per_s: the share of the ceiling (a minimal durable queue
+on the same database) conveyor reaches; raw_ratio_to_minimal the same for the raw loop.
 drain_cpu_us_per_item / raw_cpu_us_per_item: client-side CPU (user+sys of the worker processes)
 per item; steadier than items/s when other work shares the machine (PostgreSQL's server CPU is
 not included).
@@ -37,11 +42,11 @@ from rich.table import Table
 
 import conveyor
 
-from . import raw_postgres, raw_sqlite
+from . import minimal, raw_postgres, raw_sqlite
 from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, machine, payloads, pg_database, pg_problem, pg_version, sqlite_database
 
 OTHER_STATES = ("pending", "in_progress", "dead", "cancelled")
-console = Console(width=max(110, Console().width))
+console = Console(width=max(160, Console().width))
 
 
 def postgres_store_problem() -> str | None:
@@ -94,11 +99,13 @@ def one_round(store: str, args: argparse.Namespace, skipped: str | None) -> dict
         with sqlite_database(args.tmpdir) as path:
             out.update(run_conveyor(f"sqlite:///{path}", n, p, b, args.concurrency))
         out.update(raw_sqlite.run(n, p, b, args.tmpdir))
+        out.update(minimal.run("sqlite", n, p, b, tmpdir=args.tmpdir))
     else:
         if skipped is None:
             with pg_database(args.pg) as url:
                 out.update(run_conveyor(url, n, p, b, args.concurrency))
         out.update(raw_postgres.run(n, p, b, args.pg))
+        out.update(minimal.run("postgres", n, p, b, admin_url=args.pg))
     return out
 
 
@@ -116,7 +123,8 @@ def bench_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
         console.print(f"[yellow]postgres: skipping conveyor's run: {skipped}; running the raw PG loop only[/]")
     rounds = [one_round(store, args, skipped) for _ in range(args.repeat)]
     for key in ("submit_per_s", "drain_per_s", "raw_per_s", "raw_insert_per_s",
-                "drain_cpu_us_per_item", "raw_cpu_us_per_item"):
+                "drain_cpu_us_per_item", "raw_cpu_us_per_item",
+                "minimal_per_s", "minimal_insert_per_s", "minimal_cpu_us_per_item"):
         values = [r[key] for r in rounds if key in r]
         line[key] = round(statistics.median(values), 1) if values else None
         if values and args.repeat > 1 and key.endswith("_per_s"):
@@ -128,6 +136,10 @@ def bench_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         line["ratio_to_raw"] = round(line["drain_per_s"] / line["raw_per_s"], 3)
     line.setdefault("ratio_to_raw", None)
+    line["ratio_to_minimal"] = (round(line["drain_per_s"] / line["minimal_per_s"], 3)
+                                if line.get("drain_per_s") and line["minimal_per_s"] else None)
+    line["raw_ratio_to_minimal"] = (round(line["raw_per_s"] / line["minimal_per_s"], 3)
+                                    if line["raw_per_s"] and line["minimal_per_s"] else None)
     if store == "postgres":
         line["raw_sql"] = raw_postgres.SQL_SOURCE
         line["pg_version"] = pg_version(args.pg).split()[0]
@@ -142,7 +154,7 @@ def bench_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(lines: list[dict[str, Any]]) -> Table:
     t = Table(title="conveyor throughput (no-op handler, medians)")
     for col in ("store", "version", "items", "P", "batch", "submit/s", "drain/s", "raw/s", "ratio",
-                "µs CPU/item", "raw µs CPU/item"):
+                "minimal/s", "× minimal", "raw × minimal", "µs CPU/item", "raw µs CPU/item", "minimal µs CPU/item"):
         t.add_column(col, justify="left" if col == "store" else "right")
 
     def num(v: Any) -> str:
@@ -156,7 +168,11 @@ def table(lines: list[dict[str, Any]]) -> Table:
         t.add_row(r["store"], version, f"{r['items']:,}", str(r["processes"]), str(r["batch_size"]),
                   num(r["submit_per_s"]), num(r["drain_per_s"]), num(r["raw_per_s"]),
                   "—" if r["ratio_to_raw"] is None else f"{r['ratio_to_raw']:.2f}",
-                  num1(r.get("drain_cpu_us_per_item")), num1(r.get("raw_cpu_us_per_item")))
+                  num(r.get("minimal_per_s")),
+                  "—" if r.get("ratio_to_minimal") is None else f"{r['ratio_to_minimal']:.2f}",
+                  "—" if r.get("raw_ratio_to_minimal") is None else f"{r['raw_ratio_to_minimal']:.2f}",
+                  num1(r.get("drain_cpu_us_per_item")), num1(r.get("raw_cpu_us_per_item")),
+                  num1(r.get("minimal_cpu_us_per_item")))
     return t
 
 
