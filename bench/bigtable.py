@@ -89,7 +89,7 @@ def raw_on_big(store: str, url: str, rows: int, n: int, processes: int, batch_si
         path = url.removeprefix("sqlite:///")
         conn = raw_sqlite.connect(path)
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(raw_sqlite._INSERT_SQL, [(QUEUE, t, None, None, 0, now, now, now) for t in texts])
+        conn.executemany(raw_sqlite.INSERT_SQL, [(QUEUE, t, None, None, 0, now, now, now) for t in texts])
         conn.execute("COMMIT")
         conn.close()
         seconds, cpu = raw_sqlite.drain(path, processes, batch_size)

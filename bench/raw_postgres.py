@@ -31,13 +31,13 @@ import psycopg
 
 from .common import PG_ADMIN_URL, QUEUE, payloads, pg_database, run_forked
 
-from conveyor.stores import postgres as _store  # the store's own statements, never copies
+from conveyor.stores import postgres_queries as _store  # the store's own statements, never copies
 
 SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
-CLAIM_SQL = _store._CLAIM_SQL
-RESOLVE_SQL = _store._RESOLVE_SQL
-INSERT_SQL = _store._INSERT_SQL
-CYCLE_SQL = _store._cycle_sql(("resolve",), 1)
+CLAIM_SQL = _store.CLAIM
+RESOLVE_SQL = _store.RESOLVE
+INSERT_SQL = _store.INSERT
+CYCLE_SQL = _store.cycle(("resolve",), 1)
 SQL_SOURCE = "conveyor.stores.postgres"
 
 LEASE_SECONDS = 30.0

@@ -20,12 +20,14 @@ import time
 from typing import Any
 
 # The statements themselves come from the store, so the reference never drifts from conveyor.
-from conveyor.stores.sqlite import BUSY_TIMEOUT_MS, MIGRATIONS, _CLAIM_SQL, _INSERT_SQL, _RESOLVE_SQL
+from conveyor.stores.sqlite import BUSY_TIMEOUT_MS
+from conveyor.stores.sqlite_queries import CLAIM, INSERT, MIGRATIONS, RESOLVE
 
 from .common import QUEUE, payloads, run_forked, sqlite_database
 
-CLAIM_SQL = _CLAIM_SQL.format(ordered="")
-RESOLVE_SQL = _RESOLVE_SQL
+CLAIM_SQL = CLAIM
+RESOLVE_SQL = RESOLVE
+INSERT_SQL = INSERT
 LEASE_SECONDS = 30.0
 MAX_ATTEMPTS = 5
 
@@ -54,7 +56,7 @@ def create(path: str, n: int) -> float:
     rows = [(QUEUE, json.dumps(p, separators=(",", ":")), None, None, 0, now, now, now) for p in payloads(n)]
     t0 = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(_INSERT_SQL, rows)
+    conn.executemany(INSERT_SQL, rows)
     conn.execute("COMMIT")
     seconds = time.perf_counter() - t0
     conn.close()

@@ -24,7 +24,8 @@ import pytest
 import conveyor
 from conveyor.errors import ItemNotFound, StoreError, UsageError
 from conveyor.model import Claim, NewItem, Outcomes
-from conveyor.stores.postgres import _CLAIM_ORDERED_SQL, _CLAIM_SQL, COPY_FROM, PostgresStore
+from conveyor.stores.postgres import PostgresStore
+from conveyor.stores.postgres_queries import CLAIM, CLAIM_ORDERED, COPY_FROM
 from conveyor.stores.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +239,7 @@ def test_settle_and_claim_joins_an_open_store_transaction(store):
 
 def _claim_plan(url: str, ordered: bool) -> str:
     with admin(url) as conn:
-        sql = "EXPLAIN " + (_CLAIM_ORDERED_SQL if ordered else _CLAIM_SQL)
+        sql = "EXPLAIN " + (CLAIM_ORDERED if ordered else CLAIM)
         args = dict(owner="w", lease=30.0, token=1, max_attempts=5, queue="q", limit=100)
         return "\n".join(r[0] for r in conn.execute(sql, args))
 
@@ -313,7 +314,7 @@ def test_migrations_3_and_4_keep_every_count_swap_the_indexes_and_mark_rescued_i
     is brought up to date by the next store to open it: the same counts, the finished and running
     items found through the new partial indexes, the old indexes gone, and unfinished items whose
     last run was rescued marked `rescued` (migration 4)."""
-    from conveyor.stores.postgres import MIGRATIONS
+    from conveyor.stores.postgres_queries import MIGRATIONS
 
     with admin(pg_url) as conn:
         conn.execute("DROP TABLE IF EXISTS conveyor_items, conveyor_migrations")
@@ -365,7 +366,7 @@ def test_ordered_claim_with_a_deep_backlog_takes_the_key_heads_by_skip_scan(stor
     assert "Seq Scan" not in plan and "Anti Join" not in plan, plan
     with admin(pg_url) as conn:  # the probes read a handful of index pages, not the backlog
         analyzed = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _CLAIM_ORDERED_SQL,
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM_ORDERED,
             dict(owner="w", lease=30.0, token=1, max_attempts=5, queue="q", limit=100)))
         conn.execute("UPDATE conveyor_items SET state = 'pending', attempts = 0, claim_token = NULL, "
                      "lease_owner = NULL, lease_expires_at = NULL")

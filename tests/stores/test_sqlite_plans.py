@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conveyor.stores import sqlite as sq
+from conveyor.stores import sqlite_queries as sq
 from conveyor.stores import open_store
 
 from .helpers import claim, new, tokens
@@ -48,18 +48,18 @@ def claim_args():
     return ("owner", time.time(), 30.0, 1, 5, "q", 100)
 
 
-@pytest.mark.parametrize("sql_name", ["_CLAIM_SQL", "_CLAIM_ORDERED_SQL"])
+@pytest.mark.parametrize("sql_name", ["CLAIM", "CLAIM_ORDERED"])
 def test_claim_uses_the_partial_pending_index(busy_store, sql_name):
     text = plan(busy_store, getattr(sq, sql_name), claim_args())
     assert "INDEX conveyor_items_pending" in text, text
     # the UPDATE finds the chosen rows by primary key, never by scanning the table
     assert "SEARCH conveyor_items USING INTEGER PRIMARY KEY" in text, text
     assert table_scans(text) == [], text
-    if sql_name == "_CLAIM_ORDERED_SQL":
+    if sql_name == "CLAIM_ORDERED":
         assert "INDEX conveyor_items_keyed" in text, text
 
 
-@pytest.mark.parametrize("name", ["_RESOLVE_SQL", "_RETRY_SQL", "_FAIL_SQL", "_RELEASE_SQL", "_EXTEND_SQL"])
+@pytest.mark.parametrize("name", ["RESOLVE", "RETRY", "FAIL", "RELEASE", "EXTEND_LEASES"])
 def test_settle_statements_search_by_primary_key(busy_store, name):
     batch = json.dumps([[1, 2, 0.0, "x"], [3, 4, 0.0, "y"]])
     text = plan(busy_store, getattr(sq, name), (batch, time.time()))
@@ -68,7 +68,7 @@ def test_settle_statements_search_by_primary_key(busy_store, name):
 
 
 def test_rescue_uses_the_lease_index(busy_store):
-    text = plan(busy_store, sq._RESCUE_SQL, (time.time(),))
+    text = plan(busy_store, sq.RESCUE, (time.time(),))
     assert "conveyor_items_leases" in text, text
     assert table_scans(text) == [], text
 

@@ -1,0 +1,202 @@
+"""SQLite's statements, by name: the same names as postgres_queries where the two do the same
+thing. Parameters are positional (`?`, or `?N` where a statement uses one several times). Times
+are unix seconds (REAL) from SQLite's own clock (NOW)."""
+
+from __future__ import annotations
+
+from .common import ITEM_COLUMNS
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "items table and its indexes",
+        """
+        CREATE TABLE conveyor_items (
+            id               INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue            TEXT    NOT NULL,
+            payload          TEXT    NOT NULL,
+            key              TEXT,
+            dedup_key        TEXT,
+            state            TEXT    NOT NULL DEFAULT 'pending'
+                             CHECK (state IN ('pending','in_progress','resolved','dead','cancelled')),
+            priority         INTEGER NOT NULL DEFAULT 0,
+            run_at           REAL    NOT NULL,
+            attempts         INTEGER NOT NULL DEFAULT 0,
+            max_attempts     INTEGER,
+            lease_owner      TEXT,
+            lease_expires_at REAL,
+            claim_token      INTEGER,
+            last_error       TEXT,
+            created_at       REAL    NOT NULL,
+            updated_at       REAL    NOT NULL,
+            finished_at      REAL
+        );
+        -- claim: only pending rows live here, so claim cost does not grow with resolved history
+        CREATE INDEX conveyor_items_pending ON conveyor_items (queue, priority DESC, run_at, id, key)
+            WHERE state = 'pending';
+        -- rescue of expired leases
+        CREATE INDEX conveyor_items_leases ON conveyor_items (lease_expires_at)
+            WHERE state = 'in_progress';
+        -- ordered queues: the earliest unfinished item of a key
+        CREATE INDEX conveyor_items_keyed ON conveyor_items (queue, key, id)
+            WHERE key IS NOT NULL AND state IN ('pending', 'in_progress');
+        -- stats counts, throughput and purge
+        CREATE INDEX conveyor_items_status ON conveyor_items (queue, state, finished_at);
+        CREATE UNIQUE INDEX conveyor_items_dedup ON conveyor_items (queue, dedup_key)
+            WHERE dedup_key IS NOT NULL;
+        """,
+    ),
+    (
+        2,
+        "rescued: the item's last run ended with its lease expiring",
+        # Recorded as a fact rather than read from last_error's wording: a worker runs such an
+        # item alone (see worker.lanes.is_suspect). Items rescued before this migration keep it.
+        """
+        ALTER TABLE conveyor_items ADD COLUMN rescued INTEGER NOT NULL DEFAULT 0;
+        UPDATE conveyor_items SET rescued = 1
+         WHERE state IN ('pending', 'in_progress') AND last_error LIKE 'lease expired%';
+        """,
+    ),
+]
+
+_CLAIM_SET = """
+UPDATE conveyor_items
+   SET state = 'in_progress', attempts = attempts + 1, lease_owner = ?1,
+       lease_expires_at = ?2 + ?3, claim_token = ?4, max_attempts = ?5, updated_at = ?2
+ WHERE id IN ({candidates})
+RETURNING """ + ITEM_COLUMNS
+
+CLAIM = _CLAIM_SET.format(candidates="""
+       SELECT id FROM conveyor_items AS c INDEXED BY conveyor_items_pending
+        WHERE c.queue = ?6 AND c.state = 'pending' AND c.run_at <= ?2
+        ORDER BY c.priority DESC, c.run_at, c.id
+        LIMIT ?7""")
+
+# Ordered queues: only the head of each key (its lowest unfinished id) may start, and only when it
+# is pending, due, and no other item of its key is running (a requeued dead item can be later in
+# id yet running). The heads are found by a skip-scan of the keyed index (one seek per distinct
+# key, recursive CTE), so a claim costs O(keys · log n) however deep each key's backlog is, instead
+# of a subquery per blocked pending item. Items without a key are independent, claimed like any
+# queue's (that branch scans the pending index, filtering on the key column it carries).
+_KEYED = "INDEXED BY conveyor_items_keyed WHERE queue = ?6 AND key IS NOT NULL AND state IN ('pending', 'in_progress')"
+CLAIM_ORDERED = """
+WITH RECURSIVE keys(k) AS (
+     SELECT (SELECT key FROM conveyor_items {keyed} ORDER BY key LIMIT 1)
+     UNION ALL
+     SELECT (SELECT key FROM conveyor_items {keyed} AND key > keys.k ORDER BY key LIMIT 1)
+       FROM keys WHERE keys.k IS NOT NULL),
+heads(id) AS (
+     SELECT (SELECT id FROM conveyor_items {keyed} AND key = keys.k ORDER BY id LIMIT 1)
+       FROM keys WHERE keys.k IS NOT NULL)
+""".format(keyed=_KEYED) + _CLAIM_SET.format(candidates="""
+       SELECT id FROM (
+           SELECT c.id, c.priority, c.run_at FROM heads JOIN conveyor_items AS c ON c.id = heads.id
+            WHERE c.state = 'pending' AND c.run_at <= ?2
+              AND NOT EXISTS (
+                  SELECT 1 FROM conveyor_items AS o INDEXED BY conveyor_items_keyed
+                   WHERE o.queue = c.queue AND o.key = c.key AND o.key IS NOT NULL
+                     AND o.state IN ('pending', 'in_progress') AND o.state = 'in_progress')
+           UNION ALL
+           SELECT * FROM (
+               SELECT id, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending
+                WHERE queue = ?6 AND state = 'pending' AND run_at <= ?2 AND key IS NULL
+                ORDER BY priority DESC, run_at, id LIMIT ?7))
+        ORDER BY priority DESC, run_at, id
+        LIMIT ?7""")
+
+INSERT = """
+INSERT INTO conveyor_items (queue, payload, key, dedup_key, priority, run_at, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+"""
+
+# [[payload, queue, key, priority, run_at], ...]: items without dedup keys, so nothing conflicts
+# [[payload], ...]: one queue's items, no keys, one run_at and priority (Store.submit_payloads)
+INSERT_PAYLOADS = """
+INSERT INTO conveyor_items (queue, payload, priority, run_at, created_at, updated_at)
+SELECT ?2, value -> 0, ?3, ?4, ?5, ?5 FROM json_each(?1) ORDER BY key
+"""
+
+INSERT_BATCH = """
+INSERT INTO conveyor_items (queue, payload, key, priority, run_at, created_at, updated_at)
+SELECT value ->> 1, value -> 0, value ->> 2, value ->> 3, value ->> 4, ?2, ?2
+  FROM json_each(?1) ORDER BY key
+"""
+
+NOW = "(julianday('now') - 2440587.5) * 86400.0"  # the database clock, unix seconds
+CLOCK = f"SELECT {NOW}"
+
+_SETTLE_CLEAR = "lease_owner = NULL, lease_expires_at = NULL"
+
+# Settling statements take the whole batch as one JSON array of [id, token, ...] and return the ids
+# they accepted: one statement per flush, and an exact list of refused (lease-lost) items.
+# NOT INDEXED keeps the planner on the batch-outer, rowid-lookup plan: after ANALYZE it otherwise
+# scans conveyor_items_leases (every in-progress row) and re-reads the batch for each one, which is
+# O(in-flight x batch) (1000 resolves with 4000 in flight: 1.5 s instead of 6 ms). Rowid lookups
+# stay allowed under NOT INDEXED.
+_SETTLE = "UPDATE conveyor_items NOT INDEXED SET"
+_BATCH = "FROM (SELECT value ->> 0 AS bid, value ->> 1 AS btok, value ->> 2 AS b2, value ->> 3 AS b3 FROM json_each(?1)) AS b"
+_FENCE = (
+    "WHERE conveyor_items.id = b.bid AND conveyor_items.claim_token = b.btok "
+    "AND conveyor_items.state = 'in_progress' RETURNING conveyor_items.id"
+)
+RESOLVE = f"{_SETTLE} state = 'resolved', finished_at = ?2, updated_at = ?2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+RETRY = f"""
+{_SETTLE}
+       state = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN 'dead' ELSE 'pending' END,
+       finished_at = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN ?2 END,
+       run_at = ?2 + b.b2, last_error = b.b3, rescued = 0, updated_at = ?2, {_SETTLE_CLEAR}
+  {_BATCH} {_FENCE}"""
+FAIL = f"{_SETTLE} state = 'dead', finished_at = ?2, updated_at = ?2, last_error = b.b2, rescued = 0, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+RELEASE = f"{_SETTLE} state = 'pending', attempts = max(attempts - 1, 0), updated_at = ?2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+EXTEND_LEASES = f"{_SETTLE} lease_expires_at = ?2 {_BATCH} {_FENCE}"
+
+RESCUE = """
+UPDATE conveyor_items
+   SET state = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN 'dead' ELSE 'pending' END,
+       finished_at = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN ?1 END,
+       last_error = 'lease expired: worker ' || coalesce(lease_owner, '?') ||
+                    ' stopped heartbeating during attempt ' || attempts ||
+                    ' (it crashed, was killed, or lost the database)',
+       rescued = 1, claim_token = NULL, run_at = ?1, updated_at = ?1, lease_owner = NULL, lease_expires_at = NULL
+ WHERE id IN (SELECT id FROM conveyor_items INDEXED BY conveyor_items_leases
+               WHERE state = 'in_progress' AND lease_expires_at < ?1)
+RETURNING id, state"""
+
+# -- operators ----------------------------------------------------------------------------------
+GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ?"
+FIND_DEDUP = "SELECT id FROM conveyor_items WHERE queue = ? AND dedup_key = ?"
+# [queues as a JSON array]: does any of them hold pending or in-progress items (the claim and
+# lease indexes answer; nothing reads finished rows)
+HAS_WORK = """
+SELECT EXISTS (SELECT 1 FROM conveyor_items WHERE queue IN (SELECT value FROM json_each(?1)) AND state = 'pending')
+    OR EXISTS (SELECT 1 FROM conveyor_items WHERE queue IN (SELECT value FROM json_each(?1)) AND state = 'in_progress')"""
+CANCEL_SELECT = "SELECT state, queue, key FROM conveyor_items WHERE id = ?"
+CANCEL = f"""UPDATE conveyor_items SET state = 'cancelled', finished_at = {NOW}, updated_at = {NOW},
+       claim_token = NULL, {_SETTLE_CLEAR} WHERE id = ?"""
+REQUEUE = f"""UPDATE conveyor_items SET state = 'pending', attempts = 0, rescued = 0, run_at = {NOW},
+       finished_at = NULL, updated_at = {NOW} WHERE queue = ?1 AND state IN ('dead', 'cancelled')"""
+# [queue, ids as a JSON array]
+REQUEUE_IDS = REQUEUE + " AND id IN (SELECT value FROM json_each(?2))"
+# [queue, seconds]: `<=`, so `older than 0 s` includes items finished this instant (the clock has
+# millisecond steps)
+PURGE = f"""DELETE FROM conveyor_items WHERE queue = ? AND state IN ('resolved', 'dead', 'cancelled')
+   AND finished_at <= {NOW} - ?"""
+
+# -- stats --------------------------------------------------------------------------------------
+COUNTS = "SELECT queue, state, count(*) FROM conveyor_items {where} GROUP BY queue, state"
+# [queue, now]
+OLDEST = """SELECT min(run_at) FROM conveyor_items INDEXED BY conveyor_items_pending
+             WHERE queue = ? AND state = 'pending' AND run_at <= ?"""
+# [queue, since]
+RECENT = "SELECT count(*) FROM conveyor_items WHERE queue = ? AND state = 'resolved' AND finished_at >= ?"
+LAST_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'conveyor_items'"
+
+# -- schema -------------------------------------------------------------------------------------
+CREATE_MIGRATIONS = """CREATE TABLE IF NOT EXISTS conveyor_migrations
+       (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"""
+MIGRATIONS_DONE = "SELECT version FROM conveyor_migrations"
+RECORD_MIGRATION = f"INSERT INTO conveyor_migrations (version, name, applied_at) VALUES (?, ?, {NOW})"
+HAS_MIGRATIONS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_migrations'"
+HAS_ITEMS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_items'"
+ANALYZE_AFTER_MIGRATION = "ANALYZE"
