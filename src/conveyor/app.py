@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
 from .durations import Duration, to_seconds
-from .errors import UsageError, shown
+from .errors import StoreError, UsageError, shown
 from .model import Item, NewItem, Processor, QueueOptions
 from .stores import Store, describe_database, open_store
 from .worker import Worker, run_supervised
@@ -245,13 +245,14 @@ class App:
         item = self._new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {shown(queue)}")
         (item_id,) = self.store.submit_many([item]) if conn is None else self.store.submit_many([item], conn=conn)
         self.wakeup.set()
-        if item_id is None:
-            assert item.dedup_key is not None
-            existing = (self.store.find_dedup(item.queue, item.dedup_key) if conn is None
-                        else self.store.find_dedup(item.queue, item.dedup_key, conn=conn))
-            assert existing is not None
-            return existing
-        return item_id
+        if item_id is not None:
+            return item_id
+        # skipped as a duplicate: the item already stored under its dedup key
+        existing = None if item.dedup_key is None else self.store.find_dedup(item.queue, item.dedup_key, conn=conn)
+        if existing is None:
+            raise StoreError(f"submit to {shown(queue)}: the store neither stored the item nor found one "
+                             f"under dedup_key {shown(item.dedup_key)}")
+        return existing
 
     def submit_many(
         self,

@@ -63,7 +63,12 @@ class Store(Protocol):
     def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
         """A worker's whole cycle, atomically: settle `outcomes` (each fenced by its token), then
         make `claims`. Returns (refused ids, the items claimed per claim). A store does it in as
-        few round trips as it can (PostgreSQL: one statement)."""
+        few round trips as it can (PostgreSQL: one statement).
+
+        An item this cycle's settles make claimable (released, retried without delay, the next of
+        its key) may or may not be taken by this cycle's own claims: SQLite's and ordered claims
+        see the settles, a plain PostgreSQL cycle (one statement) sees the data as it was before
+        it. Either way the next cycle can take it, and no item is ever claimed twice."""
 
     # -- leases ---------------------------------------------------------------------------------
     def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
