@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# ruff (style, imports, likely bugs) and mypy (types) over the package, the tests and the bench
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.throughput
