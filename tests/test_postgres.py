@@ -27,6 +27,7 @@ from conveyor.model import Claim, NewItem, Outcomes
 from conveyor.stores.postgres import _CLAIM_ORDERED_SQL, _CLAIM_SQL, COPY_FROM, PostgresStore
 from conveyor.stores.sqlite import SQLiteStore
 from conveyor.worker import Worker
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,15 +54,6 @@ def admin(url: str) -> psycopg.Connection:
 
 def new(queue="q", payload=None, **kw) -> NewItem:
     return NewItem(queue=queue, payload_json=json.dumps(payload), **kw)
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 # -- submit ------------------------------------------------------------------------------------
@@ -269,41 +261,62 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
 # -- deadlocks ---------------------------------------------------------------------------------
 
 
+def _waits_for_a_lock(conn: psycopg.Connection, pid: int) -> bool:
+    """True once backend `pid` is blocked on a lock (a row lock held by another transaction)."""
+    return bool(conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)).fetchone()[0])
+
+
 def test_a_deadlock_rolls_back_and_keeps_the_connection(store, pg_url):
     """A deadlock (two worker cycles can meet in one, see bench/README) aborts only the victim's
     transaction: the store reports it as a StoreError, rolls back, and keeps its connection, where
-    a lost connection would be dropped and reopened."""
+    a lost connection would be dropped and reopened.
+
+    Staged step by step, each step waiting for the previous one to have happened (no sleeps): the
+    other session locks b; the store locks a; the other session asks for a and is seen waiting for
+    it in pg_locks; only then does the store ask for b, which closes the cycle."""
     a, b = store.submit_many([new(payload=1), new(payload=2)])
     seen: dict = {}
+    holds_a = threading.Event()
 
     def pid():
         return store._run("SELECT pg_backend_pid()").fetchone()[0]
 
-    def store_side():
-        seen["pid_before"] = pid()
+    def store_side(other_pid: int) -> None:
         try:
-            with store.transaction():
-                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (a,))
-                time.sleep(0.4)  # meanwhile the other session locks b, then waits for a
-                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (b,))
-        except StoreError as exc:
-            seen["error"] = str(exc)
-        seen["pid_after"] = pid()
-        seen["priority_a"] = store.get(a).priority
+            seen["pid_before"] = pid()
+            with admin(pg_url) as watcher:
+                try:
+                    with store.transaction():
+                        store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (a,))
+                        holds_a.set()
+                        wait_until(lambda: _waits_for_a_lock(watcher, other_pid), timeout=30,
+                                   what="the other session to wait for item a's row lock")
+                        store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (b,))
+                except StoreError as exc:
+                    seen["error"] = str(exc)
+            seen["pid_after"] = pid()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            seen["unexpected"] = repr(exc)
+        finally:
+            holds_a.set()  # never leave the main thread waiting
 
     with admin(pg_url) as other:
         other.execute("SET deadlock_timeout = '20s'")  # so the store's session is the one that detects it
         other.execute("BEGIN")
         other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (b,))
-        t = threading.Thread(target=store_side)
+        t = threading.Thread(target=store_side, args=(other.info.backend_pid,))
         t.start()
-        time.sleep(0.2)
-        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (a,))  # waits: a deadlock
+        assert holds_a.wait(30)
+        # blocks until the store's transaction is rolled back by the deadlock and lets go of a
+        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (a,))
         other.execute("COMMIT")
         t.join(30)
+    assert not t.is_alive()
+    assert "unexpected" not in seen, seen
     assert "40P01" in seen.get("error", ""), seen
     assert seen["pid_after"] == seen["pid_before"], "the connection was dropped for a deadlock"
-    assert seen["priority_a"] == 1  # the store's update of a was rolled back; the other session's stands
+    # read after the other session's COMMIT: the store's update of a was rolled back, the other's stands
+    assert (store.get(a).priority, store.get(b).priority) == (1, 1)
 
 
 # -- migrations --------------------------------------------------------------------------------
