@@ -545,7 +545,8 @@ def test_async_transactional_writes_commit_with_the_resolution(app, effects):
 
 
 def test_async_transactional_writes_roll_back_when_the_handler_raises_or_times_out(app, effects):
-    @app.processor("q", transactional=True, max_attempts=3, timeout_seconds=0.5, **FAST)
+    # 1 s is also the budget of the quick runs (an insert): one that overran would be retried too
+    @app.processor("q", transactional=True, max_attempts=3, timeout_seconds=1.0, **FAST)
     async def handle(item, conn):
         await _execute(conn, effects.insert, (item.id, item.attempts))
         if item.attempts == 1 and item.payload == "raise":

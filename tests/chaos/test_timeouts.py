@@ -20,8 +20,11 @@ from waiting import wait_until
 
 from .harness import Chaos, EFFECTS_PG, EFFECTS_SQLITE
 
-TIMEOUT = 0.6
-LEASE = 1.2  # heartbeats every 0.4 s: one is under way (and blocked) when the timeout comes due
+# The timeout is also the budget of the run after the hang (a transaction begun, one insert,
+# committed): a second on a busy machine. Heartbeats every 0.8 s: one is under way (and blocked)
+# when the timeout comes due.
+TIMEOUT = 1.0
+LEASE = 2.4
 GIVE_UP = 30.0  # seconds a hung handler waits to be given up on; a broken watchdog fails the test then
 
 
