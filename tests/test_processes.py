@@ -226,7 +226,7 @@ def test_sigkilled_worker_loses_nothing(env, app):
     ids = submit(app, n)
     first = env.worker(batch=10, concurrency=2, lease=1.0, sleep=0.1)
     # wait until items are in flight and some were handled, then kill without warning
-    wait_for(lambda: jobs(app)["in_progress"] > 0 and len(env.calls()) >= 3, 20, "items in progress", first)
+    wait_for(lambda: jobs(app)["in_progress"] > 0 and len(env.calls()) >= 3, 60, "items in progress", first)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     assert first.returncode == -signal.SIGKILL
@@ -239,7 +239,7 @@ def test_sigkilled_worker_loses_nothing(env, app):
     calls_before = env.calls()
 
     second = env.worker("--stop-when-empty", batch=10, concurrency=2, lease=1.0)
-    _, err = finish(second, timeout=30)
+    _, err = finish(second, timeout=60)
     assert second.returncode == 0, err[-3000:]
 
     after = {i: app.get(i) for i in ids}
@@ -267,7 +267,7 @@ def test_sigkilled_worker_loses_nothing(env, app):
 
 
 # -- 3. a stale claim token cannot resolve ------------------------------------------------------
-def _expire_and_rescue(store, item_id: int, timeout: float = 10) -> None:
+def _expire_and_rescue(store, item_id: int, timeout: float = 30) -> None:
     def rescued():
         return any(i == item_id for i, _ in store.rescue_expired())
     wait_for(rescued, timeout, f"lease of item {item_id} to expire and be rescued")
@@ -319,7 +319,7 @@ def test_stale_claim_token_is_refused_across_processes(env, app):
 
     (item_id,) = submit(app, 1)
     a_proc = env.script(STALE_CLAIMER, url=env.url)
-    line = wait_for(lambda: a_proc.stdout.readline(), 20, "process A's claim", a_proc)
+    line = wait_for(lambda: a_proc.stdout.readline(), 60, "process A's claim", a_proc)
     a_id, a_token = json.loads(line)
     assert a_id == item_id
     _expire_and_rescue(app.store, item_id)
@@ -327,7 +327,7 @@ def test_stale_claim_token_is_refused_across_processes(env, app):
     assert b.id == item_id
     a_proc.stdin.write("go\n")
     a_proc.stdin.flush()
-    out, err = finish(a_proc, 20)
+    out, err = finish(a_proc, 60)
     assert a_proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == [item_id]  # refused: lost
     assert app.get(item_id).state == conveyor.State.IN_PROGRESS
@@ -452,7 +452,7 @@ def test_supervisor_restarts_a_crashed_child(env, app):
     crash = ids[7]
     p = env.worker("--processes", "2", "--stop-when-empty", batch=5, concurrency=2, lease=1.0,
                    sleep=0.01, crash_item=crash)
-    _, err = finish(p, 40)
+    _, err = finish(p, 90)
     assert p.returncode == 0, err[-3000:]
     assert "exited with code 3" in err, err[-3000:]
 
@@ -477,9 +477,9 @@ def test_sigint_to_supervisor_stops_children_gracefully(env, app):
     ids = submit(app, n)
     p = env.worker("--processes", "2", "--shutdown-timeout", "10", batch=10, concurrency=2, sleep=0.05)
     both_busy = lambda: jobs(app)["in_progress"] > 0 and len({pid for _, pid in env.calls()}) == 2  # noqa: E731
-    wait_for(both_busy, 20, "both worker processes to handle items", p)
+    wait_for(both_busy, 60, "both worker processes to handle items", p)
     p.send_signal(signal.SIGINT)
-    _, err = finish(p, 15)
+    _, err = finish(p, 60)
     assert p.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
 

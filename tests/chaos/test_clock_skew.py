@@ -57,7 +57,7 @@ def test_skewed_workers_neither_rescue_early_nor_get_rescued_early(chaos, chaos_
         time.sleep(1.5)  # more rescue passes (every 1 s) by each skewed worker: a window for a wrong one
         for p in (ahead, behind):
             p.terminate()
-        chaos.wait_all([ahead, behind], 15)
+        chaos.wait_all([ahead, behind], 30)
 
         rows = {r[0]: r[1:] for r in chaos.sql("SELECT id, state, attempts, lease_owner, claim_token FROM conveyor_items")}
         calls = collections.Counter(e.item for e in chaos.events() if e.kind == "call")
