@@ -93,3 +93,17 @@ def app(store_url):
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'conveyor.db'}"
+
+
+@pytest.fixture
+def slow_poll(monkeypatch):
+    """Idle workers of this test re-poll their queues once a minute instead of every half second, so
+    an item an idle worker starts within seconds was started by a wake-up (a submit in this process,
+    a NOTIFY, stop()), never found by a poll: a missing wake-up fails the test instead of hiding
+    behind the next poll. Applies to Workers created after the fixture."""
+    import conveyor.worker.lanes
+    import conveyor.worker.loop
+
+    monkeypatch.setattr(conveyor.worker.lanes, "POLL_MIN", 60.0)
+    monkeypatch.setattr(conveyor.worker.lanes, "IDLE_MAX", 60.0)
+    monkeypatch.setattr(conveyor.worker.loop, "IDLE_MAX", 60.0)

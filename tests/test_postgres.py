@@ -27,6 +27,7 @@ from conveyor.model import Claim, NewItem, Outcomes
 from conveyor.stores.postgres import PostgresStore
 from conveyor.stores.postgres_queries import CLAIM, CLAIM_ORDERED, COPY_FROM
 from conveyor.stores.sqlite import SQLiteStore
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,15 +54,6 @@ def admin(url: str) -> psycopg.Connection:
 
 def new(queue="q", payload=None, **kw) -> NewItem:
     return NewItem(queue=queue, payload_json=json.dumps(payload), **kw)
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 # -- submit ------------------------------------------------------------------------------------
@@ -121,7 +113,16 @@ def test_submit_on_callers_connection_is_rolled_back_with_it(store, pg_url):
     assert store.claim(Claim("q", 10, 30.0, 5), "w") == []
 
 
-def test_submit_on_callers_connection_commits_with_it_and_wakes_an_idle_worker(store, pg_url):
+def _listening(conn: psycopg.Connection, app_name: str = "conveyor") -> int:
+    """How many of this database's sessions (of `app_name`) have LISTENed: one per idle worker
+    waiting for NOTIFY, one per store that waited for a change."""
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name = %s AND query ILIKE 'LISTEN%%'", (app_name,)).fetchone()[0]
+
+
+def test_submit_on_callers_connection_commits_with_it_and_wakes_an_idle_worker(store, pg_url, slow_poll):
+    """The idle worker here polls once a minute (slow_poll): it sees the item within seconds only
+    because the commit's NOTIFY woke it."""
     handled: list = []
     app = conveyor.App(pg_url)
 
@@ -131,25 +132,31 @@ def test_submit_on_callers_connection_commits_with_it_and_wakes_an_idle_worker(s
 
     listener = PostgresStore(pg_url)
     worker = app.worker(["q"])
+    lane = worker.lanes["q"]
     thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
     try:
-        listener.wait_for_change(0.01)  # subscribed before the submit
-        thread.start()
-        with psycopg.connect(pg_url) as conn:
-            conn.execute("SELECT 1")  # the caller's transaction is open
-            (item_id,) = store.submit_many([new(payload="committed", key="K")], conn=conn)
-            assert listener.wait_for_change(0.3) is False  # NOTIFY is held until commit
-            time.sleep(0.6)  # longer than the worker's idle poll: it cannot see the item yet
-            assert handled == []
-            conn.commit()
-            start = time.monotonic()
-            assert listener.wait_for_change(5) is True
-            assert time.monotonic() - start < 2
-        wait_until(lambda: handled == ["committed"], what="the worker to handle the committed item")
+        with admin(pg_url) as watch:
+            listener.wait_for_change(0.01)  # subscribed before the submit
+            before = _listening(watch)
+            thread.start()
+            # the worker found nothing and LISTENs: a NOTIFY sent from now on reaches it
+            wait_until(lambda: lane.dry and _listening(watch) > before, what="the worker to listen, idle")
+            with psycopg.connect(pg_url) as conn:
+                conn.execute("SELECT 1")  # the caller's transaction is open
+                (item_id,) = store.submit_many([new(payload="committed", key="K")], conn=conn)
+                assert listener.wait_for_change(0.3) is False  # NOTIFY is held until commit
+                # wake the worker by hand: it claims while the item is uncommitted, and finds nothing
+                polled = lane.poll_at
+                app.wakeup.set()
+                wait_until(lambda: lane.poll_at != polled, what="the woken worker's claim to come back empty")
+                assert handled == []
+                conn.commit()
+                assert listener.wait_for_change(30) is True
+        wait_until(lambda: handled == ["committed"], timeout=20, what="the NOTIFY to wake the worker for the committed item")
         wait_until(lambda: store.get(item_id).state == conveyor.State.RESOLVED, what="the item to be resolved")
     finally:
         worker.stop()
-        thread.join(10)
+        thread.join(30)
         listener.close()
         app.close()
 
@@ -269,41 +276,62 @@ def test_claim_uses_the_partial_index_after_bulk_insert_without_autovacuum(store
 # -- deadlocks ---------------------------------------------------------------------------------
 
 
+def _waits_for_a_lock(conn: psycopg.Connection, pid: int) -> bool:
+    """True once backend `pid` is blocked on a lock (a row lock held by another transaction)."""
+    return bool(conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)).fetchone()[0])
+
+
 def test_a_deadlock_rolls_back_and_keeps_the_connection(store, pg_url):
     """A deadlock (two worker cycles can meet in one, see bench/README) aborts only the victim's
     transaction: the store reports it as a StoreError, rolls back, and keeps its connection, where
-    a lost connection would be dropped and reopened."""
+    a lost connection would be dropped and reopened.
+
+    Staged step by step, each step waiting for the previous one to have happened (no sleeps): the
+    other session locks b; the store locks a; the other session asks for a and is seen waiting for
+    it in pg_locks; only then does the store ask for b, which closes the cycle."""
     a, b = store.submit_many([new(payload=1), new(payload=2)])
     seen: dict = {}
+    holds_a = threading.Event()
 
     def pid():
         return store._run("SELECT pg_backend_pid()").fetchone()[0]
 
-    def store_side():
-        seen["pid_before"] = pid()
+    def store_side(other_pid: int) -> None:
         try:
-            with store.transaction():
-                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (a,))
-                time.sleep(0.4)  # meanwhile the other session locks b, then waits for a
-                store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (b,))
-        except StoreError as exc:
-            seen["error"] = str(exc)
-        seen["pid_after"] = pid()
-        seen["priority_a"] = store.get(a).priority
+            seen["pid_before"] = pid()
+            with admin(pg_url) as watcher:
+                try:
+                    with store.transaction():
+                        store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (a,))
+                        holds_a.set()
+                        wait_until(lambda: _waits_for_a_lock(watcher, other_pid), timeout=30,
+                                   what="the other session to wait for item a's row lock")
+                        store._run("UPDATE conveyor_items SET priority = 2 WHERE id = %s", (b,))
+                except StoreError as exc:
+                    seen["error"] = str(exc)
+            seen["pid_after"] = pid()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            seen["unexpected"] = repr(exc)
+        finally:
+            holds_a.set()  # never leave the main thread waiting
 
     with admin(pg_url) as other:
         other.execute("SET deadlock_timeout = '20s'")  # so the store's session is the one that detects it
         other.execute("BEGIN")
         other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (b,))
-        t = threading.Thread(target=store_side)
+        t = threading.Thread(target=store_side, args=(other.info.backend_pid,))
         t.start()
-        time.sleep(0.2)
-        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (a,))  # waits: a deadlock
+        assert holds_a.wait(30)
+        # blocks until the store's transaction is rolled back by the deadlock and lets go of a
+        other.execute("UPDATE conveyor_items SET priority = 1 WHERE id = %s", (a,))
         other.execute("COMMIT")
         t.join(30)
+    assert not t.is_alive()
+    assert "unexpected" not in seen, seen
     assert "40P01" in seen.get("error", ""), seen
     assert seen["pid_after"] == seen["pid_before"], "the connection was dropped for a deadlock"
-    assert seen["priority_a"] == 1  # the store's update of a was rolled back; the other session's stands
+    # read after the other session's COMMIT: the store's update of a was rolled back, the other's stands
+    assert (store.get(a).priority, store.get(b).priority) == (1, 1)
 
 
 # -- migrations --------------------------------------------------------------------------------
@@ -526,16 +554,19 @@ def test_wait_for_change_wakes_on_submit_and_on_wake_event(store, pg_url):
     other = PostgresStore(pg_url)
     try:
         store.wait_for_change(0.01)  # subscribe
+        # the submit and the wake-up come while the wait is under way (or just before it: both
+        # count); each wait would last a minute without them
         t = threading.Timer(0.2, lambda: other.submit_many([new()]))
         start = time.monotonic()
         t.start()
-        assert store.wait_for_change(10) is True
-        assert time.monotonic() - start < 5
+        assert store.wait_for_change(60) is True
+        assert time.monotonic() - start < 30
+        t.join()
         wake = threading.Event()
         threading.Timer(0.1, wake.set).start()
         start = time.monotonic()
-        assert store.wait_for_change(10, wake) is False
-        assert time.monotonic() - start < 2
+        assert store.wait_for_change(60, wake) is False
+        assert time.monotonic() - start < 30
         assert store.wait_for_change(0.05) is False  # nothing new
     finally:
         other.close()
@@ -544,10 +575,11 @@ def test_wait_for_change_wakes_on_submit_and_on_wake_event(store, pg_url):
 # -- many processes ----------------------------------------------------------------------------
 
 WORKER_SCRIPT = """
-import os, sys, conveyor
+import glob, os, sys, time, conveyor
 app = conveyor.App(sys.argv[1])
 out = sys.argv[2]
 fds = {{}}
+shared = set()
 
 def record(text):
     fd = fds.get(os.getpid())
@@ -556,6 +588,25 @@ def record(text):
                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.write(fd, text.encode())
 
+def share(n, timeout=60.0):
+    # a process's first calls wait until n processes have recorded something: however late the
+    # machine starts the others, one process cannot drain the queue alone
+    deadline = time.monotonic() + timeout
+    while os.getpid() not in shared and time.monotonic() < deadline:
+        if len(glob.glob(os.path.join(out, "handled-*.txt"))) >= n:
+            shared.add(os.getpid())
+        else:
+            time.sleep(0.01)
+
+def held(item):
+    # items from T_HOLD_FROM on (by payload n) wait for the test's go-ahead, a file named "go": the
+    # workers cannot finish before the test has done its damage, however slow the test is to act
+    mark = os.environ.get("T_HOLD_FROM")
+    if mark is not None and item.payload["n"] >= int(mark):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(out, "go")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
 {processor}
 
 if __name__ == "__main__":
@@ -563,12 +614,19 @@ if __name__ == "__main__":
 """
 
 
-def run_workers(tmp_path: Path, url: str, processes: int, processor: str, timeout: float = 90) -> subprocess.Popen:
+def run_workers(tmp_path: Path, url: str, processes: int, processor: str, hold_from: int | None = None) -> subprocess.Popen:
+    """Start the worker script; with `hold_from`, items from that n on wait in `held` until go()."""
     script = tmp_path / "workers.py"
     script.write_text(WORKER_SCRIPT.format(processor=textwrap.dedent(processor)))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    if hold_from is not None:
+        env["T_HOLD_FROM"] = str(hold_from)
     return subprocess.Popen([sys.executable, str(script), url, str(tmp_path), str(processes)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def go(tmp_path: Path) -> None:
+    (tmp_path / "go").touch()
 
 
 def handled(tmp_path: Path) -> list[int]:
@@ -589,6 +647,7 @@ def test_four_processes_drain_20000_items_each_handled_once(pg_url, tmp_path):
         @app.processor("orders", concurrency=8, batch_size=100)
         def handle(item):
             record(f"{item.id}\\n")
+            share(2)
     """)
     out, _ = proc.communicate(timeout=90)
     elapsed = time.monotonic() - start
@@ -611,6 +670,7 @@ TRANSACTIONAL = """
     @app.processor("pay", concurrency=4, batch_size=50, lease_seconds=2, max_attempts=50,
                    backoff_base=0.05, backoff_max=0.2, transactional=True)
     def pay(item, conn):
+        held(item)
         conn.execute("INSERT INTO effects VALUES (%s)", (item.id,))
         record(f"{item.id}\\n")
 """
@@ -636,18 +696,19 @@ def test_workers_survive_killed_connections_and_resolve_each_item_once(pg_url, t
     app = conveyor.App(pg_url)
     app.submit_many("pay", [{"n": i} for i in range(n)])
     app.close()
-    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL)
+    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL, hold_from=4 * n // 5)  # the last fifth waits for go()
     kills = 0
     with admin(pg_url) as conn:
         db = conn.info.dbname
         for target in (n // 5, 2 * n // 5, 3 * n // 5):
-            wait_until(lambda: _resolved(conn) >= target or proc.poll() is not None, timeout=30, what=f"{target} resolved")
+            wait_until(lambda: _resolved(conn) >= target or proc.poll() is not None, timeout=60, what=f"{target} resolved")
             if proc.poll() is not None:
                 break
             kills += conn.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = %s AND application_name = 'conveyor'", (db,)).fetchone()[0]
-    out, _ = proc.communicate(timeout=60)
+    go(tmp_path)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert kills >= 3, "the workers finished before their connections could be killed"
     _check_exactly_once(pg_url, n)
@@ -673,12 +734,13 @@ def test_workers_survive_a_server_restart(pg_url, tmp_path):
     app = conveyor.App(pg_url)
     app.submit_many("pay", [{"n": i} for i in range(n)])
     app.close()
-    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL)
+    proc = run_workers(tmp_path, pg_url, 2, TRANSACTIONAL, hold_from=4 * n // 5)  # the last fifth waits for go()
     with admin(pg_url) as conn:
-        wait_until(lambda: _resolved(conn) >= n // 4 or proc.poll() is not None, timeout=30, what="a quarter resolved")
+        wait_until(lambda: _resolved(conn) >= n // 4 or proc.poll() is not None, timeout=60, what="a quarter resolved")
     restarted = proc.poll() is None
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True, timeout=60)
-    out, _ = proc.communicate(timeout=60)
+    go(tmp_path)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert restarted, "the workers finished before the server restart"
     _check_exactly_once(pg_url, n)

@@ -22,10 +22,14 @@ import pytest
 
 import conveyor
 from conveyor.model import Claim
+from waiting import wait_until
 
 # The app the worker processes import. Its behaviour comes from environment variables so that one
 # module serves every test: the lease, batch size, concurrency, a per-item sleep, an item that
-# crashes its process on its first attempt.
+# crashes its process on its first attempt, a file whose appearance a handler waits for (HOLD:
+# the test says when a handler may return, instead of betting on a sleep), and a number of
+# processes that must have started handling before any goes on (SHARE: the work is certainly
+# shared, however late the machine starts a process).
 APP_MODULE = textwrap.dedent(
     """
     import os, time
@@ -34,7 +38,20 @@ APP_MODULE = textwrap.dedent(
     LOG = os.environ["T_LOG"]
     SLEEP = float(os.environ.get("T_SLEEP", "0"))
     CRASH_ITEM = int(os.environ.get("T_CRASH_ITEM", "0"))
+    HOLD = os.environ.get("T_HOLD")
+    HOLD_AFTER = int(os.environ.get("T_HOLD_AFTER", "0"))  # calls in this process that do not hold
+    SHARE = int(os.environ.get("T_SHARE", "0"))
     _fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _shared, _calls = [], []
+
+    def _wait(ready, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _pids():
+        with open(LOG) as f:
+            return {line.split()[1] for line in f}
 
     app = conveyor.App()
 
@@ -48,6 +65,12 @@ APP_MODULE = textwrap.dedent(
         os.write(_fd, f"{item.id} {os.getpid()}\\n".encode())
         if item.id == CRASH_ITEM and item.attempts == 1:
             os._exit(3)
+        if SHARE and not _shared:
+            _wait(lambda: len(_pids()) >= SHARE)
+            _shared.append(True)
+        _calls.append(item.id)
+        if HOLD and len(_calls) > HOLD_AFTER:
+            _wait(lambda: os.path.exists(HOLD), timeout=120)
         if SLEEP:
             time.sleep(SLEEP)
     """
@@ -76,13 +99,28 @@ class Env:
             env[f"T_{k.upper()}"] = str(v)
         return env
 
-    def worker(self, *args: str, **params: object) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "conveyor", "--db", self.url, "--log-level", "warning",
+    def worker(self, *args: str, log_level: str = "warning", stderr_to: Path | None = None,
+               **params: object) -> subprocess.Popen:
+        """`conveyor worker procapp:app ARGS`; its stderr piped, or written to `stderr_to` (a file
+        the test can read while the worker runs)."""
+        cmd = [sys.executable, "-m", "conveyor", "--db", self.url, "--log-level", log_level,
                "worker", "procapp:app", *args]
-        p = subprocess.Popen(cmd, cwd=self.dir, env=self.env(**params),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err = open(stderr_to, "w") if stderr_to else subprocess.PIPE  # noqa: SIM115 - closed below
+        try:
+            p = subprocess.Popen(cmd, cwd=self.dir, env=self.env(**params),
+                                 stdout=subprocess.PIPE, stderr=err, text=True)
+        finally:
+            if stderr_to:
+                err.close()
         self.procs.append(p)
         return p
+
+    def hold(self) -> Path:
+        """A file for HOLD: handlers wait until it exists (`release()` creates it)."""
+        return self.dir / "hold"
+
+    def release(self) -> None:
+        self.hold().touch()
 
     def script(self, code: str, **params: object) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=self.dir, env=self.env(**params),
@@ -126,17 +164,15 @@ def app(store_url):
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
     """Poll `predicate` every 50 ms until it returns something truthy; fail after `timeout` s
     (or at once if `proc` exited meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready():
         value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
+        if not value and proc is not None and proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}\n{out}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(POLL)
+            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}\n{out}\n{(err or '')[-3000:]}")
+        return value
+
+    return wait_until(ready, timeout, what, interval=POLL)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
@@ -145,7 +181,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"process did not exit within {timeout}s\n{err[-3000:]}")
+        pytest.fail(f"process did not exit within {timeout}s\n{(err or '')[-3000:]}")
     return out, err
 
 
@@ -166,8 +202,10 @@ def submit(app: conveyor.App, n: int) -> list[int]:
 def test_four_processes_drain_5000_items_each_handled_exactly_once(env, app):
     n = 5000
     ids = submit(app, n)
-    p = env.worker("--processes", "4", "--stop-when-empty", batch=50, concurrency=4)
-    out, err = finish(p, timeout=60)
+    # each process's first handler waits until two processes handle items: however late the
+    # machine starts the others, the first cannot drain the queue alone
+    p = env.worker("--processes", "4", "--stop-when-empty", batch=50, concurrency=4, share=2)
+    out, err = finish(p, timeout=120)
     assert p.returncode == 0, err[-3000:]
 
     calls = env.calls()
@@ -184,11 +222,11 @@ def test_four_processes_drain_5000_items_each_handled_exactly_once(env, app):
 # -- 2. SIGKILL loses nothing ------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkilled_worker_loses_nothing(env, app):
-    n = 40
+    n = 200  # 10 s of work for the first worker: it is killed long before it could finish
     ids = submit(app, n)
     first = env.worker(batch=10, concurrency=2, lease=1.0, sleep=0.1)
     # wait until items are in flight and some were handled, then kill without warning
-    wait_for(lambda: jobs(app)["in_progress"] > 0 and len(env.calls()) >= 3, 20, "items in progress", first)
+    wait_for(lambda: jobs(app)["in_progress"] > 0 and len(env.calls()) >= 3, 60, "items in progress", first)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     assert first.returncode == -signal.SIGKILL
@@ -201,7 +239,7 @@ def test_sigkilled_worker_loses_nothing(env, app):
     calls_before = env.calls()
 
     second = env.worker("--stop-when-empty", batch=10, concurrency=2, lease=1.0)
-    _, err = finish(second, timeout=30)
+    _, err = finish(second, timeout=60)
     assert second.returncode == 0, err[-3000:]
 
     after = {i: app.get(i) for i in ids}
@@ -229,7 +267,7 @@ def test_sigkilled_worker_loses_nothing(env, app):
 
 
 # -- 3. a stale claim token cannot resolve ------------------------------------------------------
-def _expire_and_rescue(store, item_id: int, timeout: float = 10) -> None:
+def _expire_and_rescue(store, item_id: int, timeout: float = 30) -> None:
     def rescued():
         return any(i == item_id for i, _ in store.rescue_expired())
     wait_for(rescued, timeout, f"lease of item {item_id} to expire and be rescued")
@@ -281,7 +319,7 @@ def test_stale_claim_token_is_refused_across_processes(env, app):
 
     (item_id,) = submit(app, 1)
     a_proc = env.script(STALE_CLAIMER, url=env.url)
-    line = wait_for(lambda: a_proc.stdout.readline(), 20, "process A's claim", a_proc)
+    line = wait_for(lambda: a_proc.stdout.readline(), 60, "process A's claim", a_proc)
     a_id, a_token = json.loads(line)
     assert a_id == item_id
     _expire_and_rescue(app.store, item_id)
@@ -289,7 +327,7 @@ def test_stale_claim_token_is_refused_across_processes(env, app):
     assert b.id == item_id
     a_proc.stdin.write("go\n")
     a_proc.stdin.flush()
-    out, err = finish(a_proc, 20)
+    out, err = finish(a_proc, 60)
     assert a_proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == [item_id]  # refused: lost
     assert app.get(item_id).state == conveyor.State.IN_PROGRESS
@@ -325,16 +363,18 @@ def test_handler_outliving_its_lease_cannot_resolve_end_to_end(env, app):
     import json
 
     (item_id,) = submit(app, 1)
-    slow = env.script(SILENT_WORKER, url=env.url, lease=0.5, sleep=2.5, concurrency=1, batch=1)
-    wait_for(lambda: len(env.calls()) == 1, 20, "the slow handler to start", slow)
+    # the slow handler returns only once the rescuer is done, however long that takes to start
+    slow = env.script(SILENT_WORKER, url=env.url, lease=0.5, hold=env.hold(), concurrency=1, batch=1)
+    wait_for(lambda: len(env.calls()) == 1, 30, "the slow handler to start", slow)
     rescuer = env.worker("--stop-when-empty", lease=0.5, concurrency=1, batch=1)
-    _, err = finish(rescuer, 30)
+    _, err = finish(rescuer, 60)
     assert rescuer.returncode == 0, err[-3000:]
     resolved_by_b = app.get(item_id)
     assert resolved_by_b.state == conveyor.State.RESOLVED and resolved_by_b.attempts == 2
     assert "lease expired" in resolved_by_b.last_error
 
-    out, err = finish(slow, 30)
+    env.release()
+    out, err = finish(slow, 60)
     assert slow.returncode == 0, err[-3000:]
     counts = json.loads(out.strip().splitlines()[-1])
     assert counts["lost"] == 1 and counts["resolved"] == 0, counts
@@ -348,18 +388,20 @@ def test_handler_outliving_its_lease_cannot_resolve_end_to_end(env, app):
 def test_sigterm_releases_unstarted_items_and_finishes_running_ones(env, app):
     n = 40
     ids = submit(app, n)
-    p = env.worker("--shutdown-timeout", "10", batch=20, concurrency=1, sleep=0.3)
-    wait_for(lambda: jobs(app)["in_progress"] > 0 and len(env.calls()) >= 2, 20, "items in progress", p)
+    # one handler thread: two items run through, the third holds until released below, and the
+    # batch's other 17 wait their turn; the signal comes while the third runs
+    p = env.worker("--shutdown-timeout", "60", batch=20, concurrency=1, hold=env.hold(), hold_after=2)
+    wait_for(lambda: len(env.calls()) == 3, 30, "two items handled and a third running", p)
     p.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
-    _, err = finish(p, 10)
-    took = time.monotonic() - t0
+    # the unstarted items go back at once, while the running one still runs
+    wait_for(lambda: jobs(app)["in_progress"] == 1, 30, "the unstarted items to be released", p)
+    env.release()
+    _, err = finish(p, 60)
     assert p.returncode == 0, err[-3000:]
-    assert took < 3, f"SIGTERM took {took:.1f}s to stop a worker whose handler takes 0.3s"
     assert "Traceback" not in err
 
     called = collections.Counter(i for i, _ in env.calls())
-    assert all(c == 1 for c in called.values()), called
+    assert len(called) == 3 and all(c == 1 for c in called.values()), called
     s = jobs(app)
     assert s["in_progress"] == 0, s
     assert s["resolved"] == len(called), (s, sorted(called))
@@ -370,21 +412,36 @@ def test_sigterm_releases_unstarted_items_and_finishes_running_ones(env, app):
         else:  # claimed or not, never started: pending, no attempt spent
             assert it.state == conveyor.State.PENDING and it.attempts == 0, (i, it)
             assert it.lease_owner is None
-    assert s["pending"] == n - len(called) > 0
+    assert s["pending"] == n - len(called)
 
 
 @pytest.mark.slow
 def test_second_sigterm_stops_at_once_and_the_running_item_is_retried(env, app):
     (item,) = submit(app, 1)
-    p = env.worker("--shutdown-timeout", "60", batch=1, concurrency=1, sleep=30)
-    wait_for(lambda: len(env.calls()) >= 1, 20, "the item running", p)
-    p.send_signal(signal.SIGTERM)  # graceful: would wait up to 60 s for the 30 s handler
-    time.sleep(0.3)
-    assert p.poll() is None, "the first signal must not stop a worker with a handler running"
+    log = env.dir / "worker.err"
+    # the handler holds (for two minutes, longer than this test may take) until released, which
+    # never happens here
+    p = env.worker("--shutdown-timeout", "120", log_level="info", stderr_to=log, batch=1, concurrency=1,
+                   lease=1.0, hold=env.hold())
+    wait_for(lambda: len(env.calls()) >= 1, 30, "the item running", p)
+    p.send_signal(signal.SIGTERM)  # graceful: would wait up to 120 s for the handler
+    wait_for(lambda: "signal SIGTERM: finishing in-flight work" in log.read_text(), 30, "the first signal to be taken", p)
+    # after the first signal the worker goes on: it still heartbeats the running item's lease
+    taken = app.get(item).lease_expires_at
+
+    def heartbeat_since():
+        now = app.get(item)
+        return now.state == conveyor.State.IN_PROGRESS and taken is not None and now.lease_expires_at > taken
+
+    wait_for(heartbeat_since, 30,
+             "a heartbeat after the first signal (the first signal must not stop a worker with a handler running)", p)
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)  # the second: stop now
-    _, err = finish(p, 10)
-    assert time.monotonic() - t0 < 5, "a second signal must stop the worker at once"
+    finish(p, 60)
+    took = time.monotonic() - t0
+    err = log.read_text()
+    assert p.returncode == 0, err[-3000:]
+    assert took < 30, f"a second signal must stop the worker at once, not after the handler ({took:.1f}s)"
     assert "Traceback" not in err, err[-3000:]
     it = app.get(item)
     # given up on, not lost: back to pending for a retry, its attempt counted, the reason kept
@@ -400,7 +457,7 @@ def test_supervisor_restarts_a_crashed_child(env, app):
     crash = ids[7]
     p = env.worker("--processes", "2", "--stop-when-empty", batch=5, concurrency=2, lease=1.0,
                    sleep=0.01, crash_item=crash)
-    _, err = finish(p, 40)
+    _, err = finish(p, 90)
     assert p.returncode == 0, err[-3000:]
     assert "exited with code 3" in err, err[-3000:]
 
@@ -421,13 +478,13 @@ def test_supervisor_restarts_a_crashed_child(env, app):
 # -- 6. SIGINT to the supervisor ----------------------------------------------------------------
 @pytest.mark.slow
 def test_sigint_to_supervisor_stops_children_gracefully(env, app):
-    n = 400
+    n = 1000  # 10 s of work for the two: the signal comes long before they could finish
     ids = submit(app, n)
     p = env.worker("--processes", "2", "--shutdown-timeout", "10", batch=10, concurrency=2, sleep=0.05)
     both_busy = lambda: jobs(app)["in_progress"] > 0 and len({pid for _, pid in env.calls()}) == 2  # noqa: E731
-    wait_for(both_busy, 20, "both worker processes to handle items", p)
+    wait_for(both_busy, 60, "both worker processes to handle items", p)
     p.send_signal(signal.SIGINT)
-    _, err = finish(p, 15)
+    _, err = finish(p, 60)
     assert p.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
 

@@ -16,7 +16,9 @@ import uuid
 import pytest
 
 import conveyor
+from conveyor.worker import Worker
 from conveyor import Fail, Retry, State
+from waiting import wait_until
 
 FAST = {"backoff_base": 0.05, "backoff_max": 0.2}
 
@@ -61,27 +63,41 @@ def drain(app, queues=None, timeout: float = 30.0, **kw) -> dict:
     return WorkerThread(app, queues, stop_when_empty=True, **kw).start().join(timeout)
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
-    return value
-
-
 class Peak:
-    """Counts handlers running at once and remembers the most seen."""
+    """Counts handlers running at once and remembers the most seen. With `target`, `reached` is set
+    once that many run at once: handlers that `hold` until then make the overlap certain, where a
+    short sleep only makes it likely (and not on a busy machine). If it never comes, the first hold
+    to time out says so (`reached` stays unset) and later ones no longer wait."""
 
-    def __init__(self):
+    HOLD = 10.0  # seconds
+
+    def __init__(self, target: int | None = None):
         self.lock = threading.Lock()
         self.now = 0
         self.max = 0
+        self.target = target
+        self.reached = threading.Event()
+        self.gave_up = threading.Event()
 
     def __enter__(self):
         with self.lock:
             self.now += 1
             self.max = max(self.max, self.now)
+            if self.target is not None and self.now >= self.target:
+                self.reached.set()
+
+    def hold(self) -> None:
+        """In a handler: wait until `target` handlers run at once."""
+        if not self.gave_up.is_set() and not self.reached.wait(self.HOLD):
+            self.gave_up.set()
+
+    async def hold_async(self) -> None:
+        """`hold` for async handlers, without blocking the event loop the others run on."""
+        deadline = time.monotonic() + self.HOLD
+        while not (self.reached.is_set() or self.gave_up.is_set()):
+            if time.monotonic() > deadline:
+                self.gave_up.set()
+            await asyncio.sleep(0.002)
 
     def __exit__(self, *exc):
         with self.lock:
@@ -257,19 +273,20 @@ def test_a_handlers_exception_never_stops_the_worker(app):
 # -- async handlers ---------------------------------------------------------------------------
 
 def test_async_handlers_run_concurrently_and_resolve(app):
-    peak = Peak()
+    peak = Peak(target=5)
     seen = collections.Counter()
 
     @app.processor("q", concurrency=5)
     async def handle(item):
         with peak:
-            await asyncio.sleep(0.03)
+            await peak.hold_async()  # the first five hold until all five run at once
+            await asyncio.sleep(0.01)
         seen[item.payload] += 1
 
     app.submit_many("q", list(range(30)))
     drain(app)
     assert seen == collections.Counter(range(30))
-    assert peak.max == 5
+    assert peak.max == 5, f"{peak.max} handlers ran at once, concurrency is 5"
     assert app.stats()["q"]["resolved"] == 30
 
 
@@ -360,7 +377,7 @@ def test_ordered_keeps_per_key_order_and_never_overlaps_a_key(app):
     running: set[str] = set()
     overlaps: list[str] = []
     done: dict[str | None, list[int]] = collections.defaultdict(list)
-    peak = Peak()
+    peak = Peak(target=2)
 
     @app.processor("ledger", ordered=True, concurrency=4, batch_size=10, **FAST)
     def handle(item):
@@ -372,6 +389,8 @@ def test_ordered_keeps_per_key_order_and_never_overlaps_a_key(app):
                         overlaps.append(key)
                     running.add(key)
             try:
+                if key == "k0" and seq == 0:
+                    peak.hold()  # held until another handler runs beside it
                 time.sleep(0.002)
                 if seq % 5 == 2 and item.attempts == 1:
                     raise RuntimeError("fail once: later items of the key must wait for the retry")
@@ -402,15 +421,16 @@ def test_ordered_slow_key_does_not_hold_up_other_keys(app):
     def handle(item):
         if item.key == "slow":
             slow_started.set()
-            assert slow_release.wait(20)
+            assert slow_release.wait(60)
 
     app.submit("ledger", "slow", key="slow")
     fast = [app.submit("ledger", i, key="fast") for i in range(5)]
     w = WorkerThread(app, stop_when_empty=True).start()
     try:
-        assert slow_started.wait(10)
-        # the fast key's items follow each other while the slow key's item is still running
-        wait_until(lambda: all(app.get(i).state == State.RESOLVED for i in fast), timeout=3,
+        assert slow_started.wait(30)
+        # the fast key's items follow each other while the slow key's item is still running (held
+        # until released below: without that, the fast key would wait for it and time out here)
+        wait_until(lambda: all(app.get(i).state == State.RESOLVED for i in fast),
                    what="the other key's items to be handled while one key is busy")
     finally:
         slow_release.set()
@@ -421,16 +441,17 @@ def test_ordered_slow_key_does_not_hold_up_other_keys(app):
 
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_is_respected(app, concurrency):
-    peak = Peak()
+    peak = Peak(target=concurrency)
 
     @app.processor("q", concurrency=concurrency, batch_size=50)
     def handle(item):
         with peak:
-            time.sleep(0.03)
+            peak.hold()  # the first ones hold until `concurrency` run at once ...
+            time.sleep(0.01)  # ... and all stay a while: a handler too many would show in peak.max
 
     app.submit_many("q", list(range(4 * concurrency + 2)))
     drain(app)
-    assert peak.max == concurrency
+    assert peak.max == concurrency, f"{peak.max} handlers ran at once, concurrency is {concurrency}"
     assert app.stats()["q"]["resolved"] == 4 * concurrency + 2
 
 
@@ -524,7 +545,8 @@ def test_async_transactional_writes_commit_with_the_resolution(app, effects):
 
 
 def test_async_transactional_writes_roll_back_when_the_handler_raises_or_times_out(app, effects):
-    @app.processor("q", transactional=True, max_attempts=3, timeout_seconds=0.5, **FAST)
+    # 1 s is also the budget of the quick runs (an insert): one that overran would be retried too
+    @app.processor("q", transactional=True, max_attempts=3, timeout_seconds=1.0, **FAST)
     async def handle(item, conn):
         await _execute(conn, effects.insert, (item.id, item.attempts))
         if item.attempts == 1 and item.payload == "raise":
@@ -591,14 +613,19 @@ def test_transactional_writes_roll_back_when_cancelled_while_running(app, effect
 
 # -- leases -----------------------------------------------------------------------------------
 
+# Leases here are 1 s (a heartbeat every 1/3 s) and the work outlives them twice over: a heartbeat
+# may come up to 2/3 s late on a busy machine before the lease runs out under the handler.
+LEASE = 1.0
+
+
 def test_heartbeats_keep_a_long_handler_leased(app):
-    lease = 0.5
+    lease = LEASE
     calls = []
 
     @app.processor("q", lease_seconds=lease, max_attempts=3)
     def handle(item):
         calls.append(item.attempts)
-        time.sleep(3 * lease)  # the work outlives the lease three times over
+        time.sleep(2 * lease)  # the work outlives the lease twice over
 
     a = app.submit("q", 1)
     counts = drain(app)
@@ -631,18 +658,18 @@ def _spin(seconds: float) -> None:
 
 @pytest.mark.parametrize("hog", ["async handler blocks the event loop", "sync handler spins the CPU"])
 def test_heartbeat_beats_while_the_handler_hogs_its_thread(app, hog):
-    lease, calls, done = 0.5, [], threading.Event()
+    lease, calls, done = LEASE, [], threading.Event()
 
     if hog.startswith("async"):
         @app.processor("q", lease_seconds=lease, max_attempts=3)
         async def handle(item):
             calls.append(item.attempts)
-            time.sleep(3 * lease)  # blocks the whole event loop, not just this task
+            time.sleep(2 * lease)  # blocks the whole event loop, not just this task
     else:
         @app.processor("q", lease_seconds=lease, max_attempts=3)
         def handle(item):
             calls.append(item.attempts)
-            _spin(3 * lease)
+            _spin(2 * lease)
 
     a = app.submit("q", 1)
     rescued, peer = _peer_rescues_while(app, done)
@@ -657,6 +684,8 @@ def test_heartbeat_beats_while_the_handler_hogs_its_thread(app, hog):
 
 
 def test_worker_prunes_finished_items_older_than_prune_after(app):
+    prune_after = 1.0
+
     @app.processor("q")
     def handle(item):
         if item.payload == "fail":
@@ -664,9 +693,14 @@ def test_worker_prunes_finished_items_older_than_prune_after(app):
 
     old = [app.submit("q", p) for p in ("a", "b", "fail")]
     drain(app)
-    time.sleep(0.4)
-    fresh = [app.submit("q", p) for p in ("c", "d")]
-    running = WorkerThread(app, prune_after=0.3).start()
+    old_finished = max(app.get(i).finished_at.timestamp() for i in old)
+    wait_until(lambda: time.time() - old_finished > prune_after + 0.3, what="the old items to age past prune_after")
+    # finished just before the pruning worker starts: a second old at its first prune, and the next
+    # prune comes only after prune_interval (10 s at least)
+    young = [app.submit("q", p) for p in ("c", "d")]
+    drain(app)
+    fresh = [app.submit("q", p) for p in ("e", "f")]  # finished under the pruning worker
+    running = WorkerThread(app, prune_after=prune_after).start()
 
     def gone(item_id):
         try:
@@ -678,7 +712,8 @@ def test_worker_prunes_finished_items_older_than_prune_after(app):
     wait_until(lambda: all(gone(i) for i in old), what="old finished items pruned")
     wait_until(lambda: all(app.get(i).state == State.RESOLVED for i in fresh), what="fresh items resolved")
     running.stop()
-    assert app.stats()["q"]["resolved"] == 2 and app.stats()["q"]["dead"] == 0
+    assert all(app.get(i).state == State.RESOLVED for i in young)
+    assert app.stats()["q"]["resolved"] == 4 and app.stats()["q"]["dead"] == 0
 
 
 def test_worker_rescues_items_of_a_crashed_worker(app):
@@ -686,13 +721,15 @@ def test_worker_rescues_items_of_a_crashed_worker(app):
 
     handled = []
 
-    @app.processor("q", lease_seconds=0.3)
+    @app.processor("q")  # a long lease of its own: only the crashed worker's may run out
     def handle(item):
         handled.append(item.attempts)
 
     a = app.submit("q", 1)
     (claimed,) = app.store.claim(Claim("q", 1, 0.3, 5), "crashed")  # and never heard of again
-    counts = drain(app, timeout=20)
+    # expired before the worker starts: its keeper's first rescue pass, at start, finds it
+    wait_until(lambda: time.time() > claimed.lease_expires_at.timestamp() + 0.05, what="the crashed lease to expire")
+    counts = drain(app, timeout=30)
     assert handled == [2]
     assert counts["rescued"] == 1
     assert app.get(a).state == State.RESOLVED
@@ -733,16 +770,22 @@ def test_stop_releases_unstarted_items_and_finishes_running_ones(app):
     assert counts["released"] == 4 and counts["resolved"] == 1
 
 
-def test_stop_of_an_idle_worker_is_prompt(app):
+def _idle(worker: Worker, queue: str = "q") -> bool:
+    """The worker's last claim on `queue` came back empty: it is idle, or about to be."""
+    return worker.lanes[queue].dry
+
+
+def test_stop_of_an_idle_worker_is_prompt(app, slow_poll):
     @app.processor("q")
     def handle(item):
         pass
 
     w = WorkerThread(app).start()
-    time.sleep(0.2)
+    wait_until(lambda: _idle(w.worker), what="the worker to go idle")
     t0 = time.monotonic()
-    w.stop(timeout=5)
-    assert time.monotonic() - t0 < 2
+    w.stop(timeout=30)
+    # idle, it would next look at its queue in a minute: stop() woke it
+    assert time.monotonic() - t0 < 20
 
 
 def test_stop_when_empty_waits_for_retries_to_come_due(app):
@@ -761,30 +804,26 @@ def test_stop_when_empty_waits_for_retries_to_come_due(app):
 
 # -- wake-ups ---------------------------------------------------------------------------------
 
-def test_submit_wakes_an_idle_worker_quickly(app):
-    started_at: list[float] = []
+def test_submit_wakes_an_idle_worker(app, slow_poll):
+    """An idle worker here polls its queue once a minute (slow_poll): each item starting within
+    seconds was started by the submit's wake-up, not found by a poll."""
     started = threading.Event()
 
     @app.processor("q")
     def handle(item):
-        started_at.append(time.perf_counter())
         started.set()
 
     app.migrate()
     w = WorkerThread(app).start()
     try:
-        time.sleep(1.0)  # long enough for the idle back-off to reach its longest sleep
-        latencies = []
         for n in range(2):
+            wait_until(lambda: _idle(w.worker) and w.worker._inflight_total() == 0, what="the worker to go idle")
             started.clear()
-            t0 = time.perf_counter()
             app.submit("q", n)
-            assert started.wait(5)
-            latencies.append(started_at[-1] - t0)
-            time.sleep(0.5)
+            assert started.wait(20), f"item {n} was not started: the submit did not wake the idle worker"
     finally:
-        w.stop(timeout=10)
-    assert max(latencies) < 0.1, latencies
+        w.stop(timeout=30)
+    assert app.stats()["q"]["resolved"] == 2
 
 
 def test_worker_stops_when_empty_with_nothing_to_do(app):

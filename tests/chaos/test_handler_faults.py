@@ -49,7 +49,10 @@ def test_handlers_raise_hang_and_exit(chaos, chaos_results):
     events = chaos.events()
     kinds = collections.Counter(e.kind for e in events)
     fig.extra.update(raised=kinds["raise"], hung=kinds["hang"], exited=kinds["exit"])
-    assert fig.crashes == kinds["exit"] >= 1, (fig.crashes, kinds)
+    # each process that a handler exited died once, however many of its handlers were on their way
+    # out at that moment (two fated to exit can run at once in one process, a thread and a task)
+    exited = {e.pid for e in events if e.kind == "exit"}
+    assert fig.crashes == len(exited) >= 1, (fig.crashes, len(exited), kinds)
     assert kinds["hang"] >= 1 and kinds["raise"] >= 50, kinds
     # a hung run goes on to finish (and log `done`) after HANG_FOR, yet none may resolve its item:
     # each was given up on at its timeout and the item resolved by a later attempt

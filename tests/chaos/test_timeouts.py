@@ -1,7 +1,8 @@
 """Reproductions found by the chaos suite: timeout_seconds must hold while the database stalls.
 
-A hung handler is given up on at timeout_seconds and its late result refused. Chaos 3 on SQLite
-found hung runs resolving their items on attempt 1: the timeout check ran on the keeper thread,
+A hung handler is given up on at timeout_seconds and its late result refused (each one here hangs
+until the watchdog has given up on it, then returns). Chaos 3 on SQLite found hung runs resolving
+their items on attempt 1: the timeout check ran on the keeper thread,
 right after the heartbeat, and the heartbeat was blocked on the database (the write lock held by a
 hung transactional handler, or by anyone else), so the check came only after the hang had ended and
 the late result had been accepted. Here: the handler hangs while the database is locked against
@@ -12,18 +13,22 @@ MODE, which blocks the heartbeat's UPDATE as well) and must still be given up on
 from __future__ import annotations
 
 import threading
-import time
 
 import conveyor
+from conveyor.worker import Worker
+from waiting import wait_until
 
 from .harness import Chaos, EFFECTS_PG, EFFECTS_SQLITE
 
-HANG = 1.0
-TIMEOUT = 0.6
-LEASE = 1.2  # heartbeats every 0.4 s: one is under way (and blocked) when the timeout comes due
+# The timeout is also the budget of the run after the hang (a transaction begun, one insert,
+# committed): a second on a busy machine. Heartbeats every 0.8 s: one is under way (and blocked)
+# when the timeout comes due.
+TIMEOUT = 1.0
+LEASE = 2.4
+GIVE_UP = 30.0  # seconds a hung handler waits to be given up on; a broken watchdog fails the test then
 
 
-def _lock_database(chaos: Chaos, seconds: float, started: threading.Event) -> None:
+def _lock_database(chaos: Chaos, locked: threading.Event, unlock: threading.Event) -> None:
     conn = chaos.connect()
     try:
         if chaos.kind == "sqlite":
@@ -31,42 +36,56 @@ def _lock_database(chaos: Chaos, seconds: float, started: threading.Event) -> No
         else:
             conn.execute("BEGIN")
             conn.execute("LOCK TABLE conveyor_items IN EXCLUSIVE MODE")
-        started.set()
-        time.sleep(seconds)
+        locked.set()
+        unlock.wait(GIVE_UP + 10)
         conn.execute("COMMIT")
     finally:
         conn.close()
 
 
-def _run(app: conveyor.App) -> dict:
-    w = app.worker(stop_when_empty=True, shutdown_timeout=5)
-    return w.run(install_signal_handlers=False)
+def _hang_until_given_up(worker: Worker, queue: str) -> None:
+    """Called in a handler: hang until the watchdog gives up on this run (the handler's thread is
+    marked abandoned), then return, late. Waiting for the give-up itself, not for a sleep longer
+    than timeout_seconds: the late return certainly comes after it, however slow the machine."""
+    lane = worker.lanes[queue]
+    try:
+        wait_until(lane.given_up, timeout=GIVE_UP, what="the watchdog to give up on the hung handler")
+    except AssertionError:
+        pass  # return late anyway: the test then finds the late result accepted, and fails
+
+
+def _run(worker: Worker) -> dict:
+    return worker.run(install_signal_handlers=False)
 
 
 def test_hung_handler_is_given_up_on_while_the_database_is_locked(chaos):
     app = conveyor.App(chaos.url)
     calls: list[int] = []
-    started = threading.Event()
 
     @app.processor("plain", lease_seconds=LEASE, timeout_seconds=TIMEOUT, backoff_base=0.01, batch_size=1, concurrency=1)
     def hang(item):
         calls.append(item.attempts)
         if item.attempts == 1:  # the database is locked for as long as the handler hangs
-            locker = threading.Thread(target=_lock_database, args=(chaos, HANG, started))
+            locked, unlock = threading.Event(), threading.Event()
+            locker = threading.Thread(target=_lock_database, args=(chaos, locked, unlock))
             locker.start()
-            started.wait(5)
-            time.sleep(HANG)
-            locker.join()
+            try:
+                assert locked.wait(GIVE_UP)
+                _hang_until_given_up(worker, "plain")
+            finally:
+                unlock.set()
+                locker.join()
 
+    worker = app.worker(stop_when_empty=True, shutdown_timeout=5)
     try:
         (item_id,) = [app.submit("plain", {})]
-        _run(app)
+        _run(worker)
         it = app.get(item_id)
     finally:
         app.close()
     assert it.state == conveyor.State.RESOLVED
     assert it.attempts == 2 and calls == [1, 2], (
-        f"the run that hung {HANG}s past timeout_seconds={TIMEOUT} resolved the item (attempts {it.attempts}, "
+        f"the run that hung past timeout_seconds={TIMEOUT} resolved the item (attempts {it.attempts}, "
         f"calls {calls}): its late result should have been refused")
 
 
@@ -86,11 +105,12 @@ def test_hung_transactional_handler_is_given_up_on(chaos):
         conn.execute(f"INSERT INTO chaos_effects (item_id, attempt, pid) VALUES ({mark}, {mark}, 0)",
                      (item.id, item.attempts))
         if item.attempts == 1:
-            time.sleep(HANG)
+            _hang_until_given_up(worker, "tx")
 
+    worker = app.worker(stop_when_empty=True, shutdown_timeout=5)
     try:
         item_id = app.submit("tx", {})
-        _run(app)
+        _run(worker)
         it = app.get(item_id)
     finally:
         app.close()
@@ -113,14 +133,14 @@ def test_threads_replacing_abandoned_ones_keep_their_results(chaos):
     @app.processor("plain", lease_seconds=5, timeout_seconds=0.15, backoff_base=0.01, batch_size=1, concurrency=1)
     def handler(item):
         if item.id <= hangs and item.attempts == 1:
-            time.sleep(0.4)  # abandoned at its timeout; a new thread takes over, this one retires
+            _hang_until_given_up(worker, "plain")  # abandoned; a new thread takes over, this one retires
 
     worker = app.worker(stop_when_empty=True, shutdown_timeout=1)
     try:
         app.submit_many("plain", [{"n": i} for i in range(12)])
         runner = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True)
         runner.start()
-        runner.join(20)
+        runner.join(GIVE_UP * hangs + 30)
         stuck = runner.is_alive()
         if stuck:
             worker.stop(force=True)

@@ -6,10 +6,10 @@ Everything here goes through the Store protocol, so every store runs the same te
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, Callable
+from typing import Any
 
 from conveyor.model import Claim, NewItem
+from waiting import wait_until  # noqa: F401 - the conformance suite's tests import it from here
 
 OWNER = "test-worker"
 
@@ -35,15 +35,3 @@ def claim(store, queue: str = "q", limit: int = 10, *, lease: float = 30.0, max_
 
 def tokens(items) -> list[tuple[int, int]]:
     return [(it.id, it.claim_token) for it in items]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -34,7 +34,7 @@ def test_extend_leases_reports_lost_items(store):
     assert store.get(a).state == State.IN_PROGRESS
 
 
-def wait_rescued(store, item_id, timeout=5.0):
+def wait_rescued(store, item_id, timeout=30.0):
     """Poll rescue_expired until it returns this item; return its new state."""
     found: dict[int, str] = {}
 
@@ -82,13 +82,18 @@ def test_expired_lease_with_spent_attempts_goes_dead(store):
 
 
 def test_heartbeat_keeps_a_short_lease_from_being_rescued(store):
+    """A heartbeat outlasts the short lease the item was claimed with. Waited on the clock, not
+    slept: the claim's own lease is over when rescue runs, so only the heartbeat can keep the item
+    (and the heartbeat's lease is long enough that no pause of this thread can outlast it)."""
     (a,) = submit(store, n=1)
     (it,) = claim(store, lease=SHORT)
-    deadline = time.monotonic() + 3 * SHORT
-    while time.monotonic() < deadline:
-        assert store.extend_leases(tokens([it]), SHORT) == []
-        assert store.rescue_expired() == []
-        time.sleep(SHORT / 4)
+    claimed_until = it.lease_expires_at.timestamp()
+    for _ in range(3):  # heartbeats keep coming: each one leaves the claim intact
+        assert store.extend_leases(tokens([it]), 60) == []
+    wait_until(lambda: time.time() > claimed_until + SHORT, what="the claim's own lease to run out")
+    assert store.rescue_expired() == []
+    item = store.get(a)
+    assert item.state == State.IN_PROGRESS and item.lease_expires_at.timestamp() > time.time() + 30
     assert store.resolve(tokens([it])) == []
     assert store.get(a).attempts == 1
 

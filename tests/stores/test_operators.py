@@ -109,17 +109,20 @@ def test_requeue_leaves_pending_and_in_progress_alone(store):
 
 # -- purge ------------------------------------------------------------------------------------
 
+GAP = 0.8  # seconds between the old items' finish and the fresh one's
+
+
 def test_purge_deletes_only_finished_items_older_than_the_cutoff(store):
     old = [_finish(store, "q", how) for how in ("resolved", "dead", "cancelled")]
     old_finished = max(store.get(i).finished_at.timestamp() for i in old)
-    wait_until(lambda: time.time() - old_finished > 0.4, what="the old items to age")
+    wait_until(lambda: time.time() - old_finished > GAP, what="the old items to age")
     fresh = _finish(store, "q", "resolved")
     other = _finish(store, "other", "resolved")
     unfinished = submit(store, "q", n=2)
     assert len(claim(store, "q", limit=1)) == 1  # one pending, one in progress
-    # cut between the old items and the fresh one
-    fresh_finished = store.get(fresh).finished_at.timestamp()
-    cutoff_age = time.time() - (old_finished + fresh_finished) / 2
+    # cut just after the old items: the purge's clock reads later than this line's, by however long
+    # the machine takes to get there, and the fresh item stays as long as that is under GAP
+    cutoff_age = time.time() - (old_finished + 0.05)
     assert store.purge("q", cutoff_age) == 3
     for i in old:
         with pytest.raises(ItemNotFound):

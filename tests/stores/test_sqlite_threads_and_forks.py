@@ -16,12 +16,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 from conveyor.model import NewItem
 from conveyor.stores.sqlite import _WRITE_QUEUE_SUFFIX, SQLiteStore
+from waiting import wait_until
 
 SCRIPT = textwrap.dedent("""
     import sys, threading, time
@@ -75,6 +75,14 @@ def _lock_is_free(path: str) -> bool:
         return True
 
 
+def _lock_waiters(path: str) -> int:
+    """How many flock requests on the database's lock file are blocked, waiting for the holder
+    (Linux lists them in /proc/locks as `N: -> FLOCK ... MAJ:MIN:INODE ...`)."""
+    inode = os.stat(path + _WRITE_QUEUE_SUFFIX).st_ino
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if " -> FLOCK " in line and line.split()[6].endswith(f":{inode}"))
+
+
 @pytest.fixture
 def sqlite_store(tmp_path):
     store = SQLiteStore(f"sqlite:///{tmp_path / 'q.db'}")
@@ -113,7 +121,8 @@ def test_writers_in_other_threads_wait_for_the_holder(sqlite_store):
     t.start()
     with sqlite_store.transaction():
         inside.set()
-        time.sleep(0.3)
+        # the other writer is asleep in the kernel, queued on the lock file behind this transaction
+        wait_until(lambda: _lock_waiters(sqlite_store.path), what="the other writer to queue on the lock file")
         order.append("holder committing")
     t.join(10)
     assert order == ["holder committing", "other committed"]
@@ -151,11 +160,8 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT, f"sqlite:///{db}"], stdout=subprocess.PIPE, text=True)
     child = int(proc.stdout.readline())
     try:
-        assert proc.wait(10) == 0  # the parent is gone; its child sleeps on
-        deadline = time.monotonic() + 5
-        while not _lock_is_free(str(db)):
-            assert time.monotonic() < deadline, "the lock outlived the process that took it"
-            time.sleep(0.05)
+        assert proc.wait(30) == 0  # the parent is gone; its child sleeps on
+        wait_until(lambda: _lock_is_free(str(db)), what="the lock to die with the process that took it")
         store = SQLiteStore(f"sqlite:///{db}")
         store.submit_many([NewItem("q", "1")])  # and writers get through
         assert store.stats(["q"])["q"]["pending"] == 1
