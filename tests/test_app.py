@@ -354,3 +354,19 @@ def test_cancel_and_requeue_through_the_app(app):
     assert app.get(a).state == State.PENDING
     with pytest.raises(conveyor.ItemNotFound):
         app.cancel(10**9)
+
+
+def test_items_pages_newest_first_through_the_app(app):
+    ids = [app.submit("q", {"n": n}, key="k" if n % 2 else None) for n in range(7)]
+    app.submit("other", 1)
+    app.cancel(ids[2])
+    page = app.items("q", limit=3)
+    assert [it.id for it in page] == ids[::-1][:3]
+    assert [it.id for it in app.items("q", limit=3, before_id=page[-1].id)] == ids[::-1][3:6]
+    assert [it.id for it in app.items("q", state="cancelled")] == [ids[2]]
+    assert [it.id for it in app.items("q", key="k")] == ids[1::2][::-1]
+    assert len(app.items()) == 8
+    with pytest.raises(UsageError, match="queue name"):
+        app.items("bad name")
+    with pytest.raises(UsageError, match="'finished'"):
+        app.items("q", state="finished")

@@ -337,7 +337,7 @@ def test_a_deadlock_rolls_back_and_keeps_the_connection(store, pg_url):
 # -- migrations --------------------------------------------------------------------------------
 
 
-def test_migrations_3_and_4_keep_every_count_swap_the_indexes_and_mark_rescued_items(pg_url):
+def test_migrations_after_2_keep_every_count_swap_the_indexes_and_mark_rescued_items(pg_url):
     """A database left at migration 2 (one index over every item), holding items in every state,
     is brought up to date by the next store to open it: the same counts, the finished and running
     items found through the new partial indexes, the old indexes gone, and unfinished items whose
@@ -363,7 +363,7 @@ def test_migrations_3_and_4_keep_every_count_swap_the_indexes_and_mark_rescued_i
             "SELECT queue, state, count(*) FROM conveyor_items GROUP BY queue, state")}
     store = PostgresStore(pg_url)
     try:
-        assert store.migrate() == [3, 4]
+        assert store.migrate() == [3, 4, 5]
         assert store.get(1).rescued and not store.get(2).rescued and not store.get(6).rescued
         stats = store.stats()
         got = {(q, st): stats[q][st] for q in stats for st in conveyor.model.STATES if stats[q][st]}
@@ -371,8 +371,10 @@ def test_migrations_3_and_4_keep_every_count_swap_the_indexes_and_mark_rescued_i
         assert store.stats(["q1"])["q1"]["dead"] == expected[("q1", "dead")]
         with admin(pg_url) as conn:
             indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'conveyor_items'")}
-            assert {"conveyor_items_finished", "conveyor_items_running"} <= indexes
+            assert {"conveyor_items_finished", "conveyor_items_running", "conveyor_items_browse"} <= indexes
             assert not indexes & {"conveyor_items_status", "conveyor_items_leases"}
+        dead = [i.id for i in store.list_items("q1", state="dead", limit=1000)]
+        assert len(dead) == expected[("q1", "dead")] and dead == sorted(dead, reverse=True)
         assert store.purge("q0", 60) == expected[("q0", "resolved")] + expected[("q0", "dead")] + expected[("q0", "cancelled")]
         assert store.has_work(["q0"])
     finally:

@@ -338,6 +338,14 @@ class App:
     def get(self, item_id: int) -> Item:
         return self.store.get(item_id)
 
+    def items(self, queue: str | None = None, state: str | None = None, key: str | None = None,
+              before_id: int | None = None, limit: int = 50) -> list[Item]:
+        """Items newest first, at most `limit`, optionally of one queue, state and key. For the next
+        page pass the last id seen as `before_id`."""
+        if queue is not None:
+            check_queue_name(queue)
+        return self.store.list_items(queue, state=state, key=key, before_id=before_id, limit=limit)
+
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """{queue: {pending, in_progress, resolved, dead, cancelled, total, oldest_pending_seconds,
         resolved_last_minute}}"""

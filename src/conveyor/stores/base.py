@@ -82,6 +82,13 @@ class Store(Protocol):
     def get(self, item_id: int) -> Item:
         """The item with this id, or ItemNotFound."""
 
+    def list_items(self, queue: str | None = None, *, state: str | None = None, key: str | None = None,
+                   before_id: int | None = None, limit: int = 50) -> list[Item]:
+        """Items newest first (id descending), at most `limit`, optionally of one queue, state and
+        key; a page ends at the id below `before_id` (keyset paging: pass the last id seen to get
+        the next page). Each page reads an index ordered by id, never the whole table. An unknown
+        state is a UsageError naming it."""
+
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per queue: counts by state, oldest_pending_seconds, resolved_last_minute."""
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import orjson
 
+from ..errors import UsageError, shown
 from ..model import STATES, Item, State
 
 UTC = dt.timezone.utc
@@ -50,6 +51,35 @@ def shape_stats(
         if queue in out:
             out[queue]["resolved_last_minute"] = int(n)
     return dict(sorted(out.items()))
+
+
+#: list_items: the most items one page may hold, and `before_id` when none is given (above every id)
+LIST_MAX = 10_000
+NO_BEFORE = 2**63 - 1
+
+
+def list_args(queue: Any, state: Any, key: Any, before_id: Any, limit: Any) -> tuple[str | None, int]:
+    """Check list_items' arguments; returns (the state's name or None, before_id or NO_BEFORE)."""
+    if queue is not None and not isinstance(queue, str):
+        raise UsageError(f"list_items: queue must be a string or None, not {type(queue).__name__}")
+    if key is not None and not isinstance(key, str):
+        raise UsageError(f"list_items: key must be a string or None, not {type(key).__name__}")
+    if state is not None:
+        if isinstance(state, State):
+            state = state.value
+        if state not in STATES:
+            raise UsageError(f"unknown state {shown(state)}: use one of {', '.join(STATES)}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= LIST_MAX:
+        raise UsageError(f"list_items: limit must be an integer from 1 to {LIST_MAX}, not {shown(limit)}")
+    if before_id is not None and (not isinstance(before_id, int) or isinstance(before_id, bool) or before_id < 1):
+        raise UsageError(f"list_items: before_id must be a positive integer or None, not {shown(before_id)}")
+    return state, NO_BEFORE if before_id is None else before_id
+
+
+def newest_first(rows: Iterable[Sequence[Any]], limit: int) -> list[Item]:
+    """The first `limit` of rows gathered from several queries (ITEM_COLUMNS), id descending."""
+    ordered = sorted(rows, key=lambda r: r[0], reverse=True)[:limit]
+    return [row_to_item(r) for r in ordered]
 
 
 ITEM_COLUMNS = (

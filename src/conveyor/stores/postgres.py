@@ -493,6 +493,23 @@ class PostgresStore(SQLStore):
         return [(r[0], r[1]) for r in rows]
 
     # -- operators ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _listing(self) -> Iterator[None]:
+        with self.transaction():
+            self._execute(q.LIST_PLANNER)
+            yield
+
+    def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
+        if key is not None:
+            return [row for sql in q.LIST_KEY[state] for row in self._execute(sql, args).fetchall()]
+        if state is not None and state != "pending":
+            return self._execute(q.LIST_STATE[state], args).fetchall()
+        recent = self._execute(q.LIST_RECENT[state], args | {"window": q.LIST_WINDOW}).fetchall()
+        if len(recent) == args["limit"]:
+            return recent
+        states = [state] if state else list(q.LIST_STATE)
+        return [row for s in states for row in self._execute(q.LIST_STATE[s], args).fetchall()]
+
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         if queues:
             counts = self._execute(q.COUNTS.format(where="AND queue = ANY(%(q)s)"), {"q": list(queues)}).fetchall()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import ConveyorError, ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, Token
-from .common import row_to_item
+from .common import list_args, newest_first, row_to_item
 
 #: a forked child's copies of its parent's connections: kept referenced, never closed (closing
 #: would end the parent's session, or crash on a sqlite3 handle another process owns)
@@ -313,7 +313,25 @@ class SQLStore:
             raise ItemNotFound(f"no item with id {item_id}")
         return row_to_item(row)
 
-    def _callers(self, conn: Any) -> Any:
+    def list_items(self, queue: str | None = None, *, state: str | None = None, key: str | None = None,
+                   before_id: int | None = None, limit: int = 50) -> list[Item]:
+        state, before = list_args(queue, state, key, before_id, limit)
+        args: dict[str, Any] = {"before": before, "limit": limit, "key": key}
+        with self._listing():
+            if queue is None and state is None and key is None:
+                return [row_to_item(r) for r in self._execute(self.queries.LIST, args).fetchall()]
+            names = [queue] if queue is not None else [r[0] for r in self._execute(self.queries.QUEUES).fetchall()]
+            rows = [row for name in names for row in self._list_queue(state, key, args | {"queue": name})]
+        return newest_first(rows, limit)
+
+    def _listing(self) -> contextlib.AbstractContextManager[Any]:
+        """Around the statements of one list_items page."""
+        return contextlib.nullcontext()
+
+    def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
+        """One queue's rows of a list_items page (up to `limit` of each part; the caller merges)."""
+        raise NotImplementedError
+
         """A caller's connection, checked to be the driver's and on this store's database."""
         raise NotImplementedError
 

@@ -362,6 +362,9 @@ class SQLiteStore(SQLStore):
     def _id_list(self, ids: Sequence[int]) -> Any:
         return _dumps(list(ids))
 
+    def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
+        return self._execute(q.LIST_QUEUE[state, key is not None], args).fetchall()
+
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         conn = self._conn()
         now = self._clock(conn)

@@ -57,6 +57,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
          WHERE state IN ('pending', 'in_progress') AND last_error LIKE 'lease expired%';
         """,
     ),
+    (
+        3,
+        "indexes for browsing items newest first (list_items)",
+        # Both are in rowid (= id) order within their columns. Finished items of a queue and state
+        # (pending and running ones are read in id order from conveyor_items_status, where their
+        # finished_at is NULL). Its condition names finished_at, not state: a claim changes state
+        # but not finished_at, so SQLite knows a claim cannot add an entry and skips the index;
+        # measured, 20k items, 2 worker processes, 6 interleaved rounds: CPU per item 20.7 → 21.8 µs,
+        # where `WHERE state IN ('resolved', 'dead', 'cancelled')` cost 20.0 → 23.9 µs (-17% drain).
+        # A key's items whatever their state: key and id never change and SQLite only maintains the
+        # indexes whose columns an UPDATE changes, so claims and settles never touch it (measured:
+        # no change). Building them on a large table holds the write lock for as long as that takes.
+        """
+        CREATE INDEX IF NOT EXISTS conveyor_items_browse ON conveyor_items (queue, state)
+            WHERE finished_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS conveyor_items_key_history ON conveyor_items (queue, key)
+            WHERE key IS NOT NULL;
+        """,
+    ),
 ]
 
 _CLAIM_SET = """
@@ -165,6 +184,40 @@ RETURNING id, state"""
 
 # -- operators ----------------------------------------------------------------------------------
 GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ?"
+
+# list_items: newest first, each part read from an index in id order and stopped at :limit, so a
+# page costs O(limit · log n) however many items the table holds. Pending and running items have no
+# finished_at, so in conveyor_items_status (queue, state, finished_at, rowid) theirs are in id
+# order; finished items come from conveyor_items_browse, a key's from conveyor_items_key_history.
+# The indexes are pinned: the planner may otherwise walk the table backwards by rowid, filtering,
+# which reads every row when few match (dead items among a million resolved ones).
+LIST = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id < :before ORDER BY id DESC LIMIT :limit"
+_LIST_PART = (f"SELECT {ITEM_COLUMNS} FROM conveyor_items INDEXED BY {{index}} WHERE queue = :queue AND {{where}} "
+              "AND id < :before ORDER BY id DESC LIMIT :limit")
+_LIST_STATE = {
+    state: _LIST_PART.format(index="conveyor_items_status", where=f"state = '{state}' AND finished_at IS NULL")
+    for state in ("pending", "in_progress")
+} | {
+    # the index's condition, word for word (finished items, and only they, have a finished_at)
+    state: _LIST_PART.format(index="conveyor_items_browse", where=f"state = '{state}' AND finished_at IS NOT NULL")
+    for state in ("resolved", "dead", "cancelled")
+}
+_LIST_KEY = _LIST_PART.format(index="conveyor_items_key_history", where="key = :key {state}")
+#: one queue's page of list_items, by (state or None, keyed): one part, or every state's merged
+LIST_QUEUE: dict[tuple[str | None, bool], str] = {
+    (state, True): _LIST_KEY.format(state="" if state is None else f"AND state = '{state}'")
+    for state in (None, *_LIST_STATE)
+} | {(state, False): sql for state, sql in _LIST_STATE.items()} | {
+    (None, False): " UNION ALL ".join(f"SELECT * FROM ({part})" for part in _LIST_STATE.values())
+    + " ORDER BY id DESC LIMIT :limit"
+}
+# every queue name, one index probe each (a loose scan of conveyor_items_status)
+QUEUES = """
+WITH RECURSIVE names(q) AS (
+     SELECT min(queue) FROM conveyor_items
+     UNION ALL
+     SELECT (SELECT min(queue) FROM conveyor_items WHERE queue > names.q) FROM names WHERE names.q IS NOT NULL)
+SELECT q FROM names WHERE q IS NOT NULL"""
 FIND_DEDUP = "SELECT id FROM conveyor_items WHERE queue = ? AND dedup_key = ?"
 # [queues as a JSON array]: does any of them hold pending or in-progress items (the claim and
 # lease indexes answer; nothing reads finished rows)
