@@ -370,3 +370,56 @@ def test_items_pages_newest_first_through_the_app(app):
         app.items("bad name")
     with pytest.raises(UsageError, match="'finished'"):
         app.items("q", state="finished")
+
+
+# -- submitting a stream ----------------------------------------------------------------------
+
+def test_submit_many_of_a_generator_keeps_memory_bounded(app):
+    """200,000 payloads from a generator: the store is given them a chunk at a time, so what the
+    submit holds at once stays far below what the whole stream takes (~60 MB held as a list)."""
+    import tracemalloc
+
+    n = 200_000
+    app.migrate()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        stored = app.submit_many("q", ({"i": i} for i in range(n)))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert stored == n
+    assert peak < 25e6, f"submit_many held {peak / 1e6:.1f} MB at its peak"
+    assert app.stats(["q"])["q"]["pending"] == n
+    assert app.get(1).payload == {"i": 0} and app.get(n).payload == {"i": n - 1}
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_bad_payload_deep_in_a_generator_stores_nothing_and_is_named(app, keyed):
+    """All or nothing across chunks: the bad payload comes after two whole chunks were sent."""
+    from conveyor.app import SUBMIT_CHUNK
+
+    bad_at = 2 * SUBMIT_CHUNK + 123
+
+    def stream():
+        for i in range(3 * SUBMIT_CHUNK):
+            yield NotJSON() if i == bad_at else {"i": i, "k": f"k{i % 7}"}
+
+    with pytest.raises(UsageError, match=f"item {bad_at}\\b"):
+        app.submit_many("q", stream(), key=(lambda p: p["k"]) if keyed else None)
+    assert app.stats() == {}
+    assert app.submit_many("q", ({"i": i} for i in range(5))) == 5  # the connection is fine afterwards
+
+
+def test_submit_items_streams_and_reports_the_ids_per_chunk(app):
+    from conveyor.model import NewItem
+
+    seen: list = []
+    items = (NewItem("q", f'{{"i": {i}}}', None, f"d{i % 900}") for i in range(1000))
+    assert app.submit_items(items, chunk=300, on_ids=seen.append) == 900
+    assert [len(ids) for ids in seen] == [300, 300, 300, 100]
+    flat = [i for ids in seen for i in ids]
+    assert flat[:900] == sorted(flat[:900]) and flat[900:] == [None] * 100  # duplicates of the first 100
+    assert [app.get(i).payload for i in flat[:3]] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert app.submit_items(iter([])) == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
+import itertools
 import logging
 import math
 import os
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 from .codec import check_text, encode_payload, name_the_culprit
@@ -25,6 +26,8 @@ from .worker import Worker, run_supervised
 log = logging.getLogger("conveyor")
 
 DEFAULT_URL = "sqlite:///conveyor.db"
+#: submit_many and submit_items read and store this many items at a time (memory stays bounded by it)
+SUBMIT_CHUNK = 10_000
 _QUEUE_NAME = re.compile(r"^[^\s\x00-\x1f]{1,200}$")
 #: priority and other integers are stored as signed 64-bit integers on every store
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -111,6 +114,19 @@ def check_handler(fn: Any, options: QueueOptions) -> None:
         why = "a transactional handler is called" if options.transactional else (
             "a batch handler is called" if options.batch else "a handler is called")
         raise UsageError(f"{where}: {name}{signature} cannot be called as {name}{shape}: {why} with {shape}") from None
+
+
+def _chunks(values: Iterable[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    """(index of the first, up to `size` values), lazily: a generator is never read ahead of a chunk."""
+    if isinstance(values, (list, tuple)):
+        for start in range(0, len(values), size):
+            yield start, values[start:start + size]
+        return
+    it = iter(values)
+    start = 0
+    while chunk := list(itertools.islice(it, size)):
+        yield start, chunk
+        start += len(chunk)
 
 
 def _pick(spec: KeySpec, payload: Any, field: str, where: str) -> str | None:
@@ -267,56 +283,87 @@ class App:
     ) -> int:
         """Store many items in one transaction, all or nothing; returns how many were stored (items
         whose dedup_key is already stored are skipped). `key` and `dedup_key` may be a string or a
-        function of the payload. With `conn`, inside your own transaction (see submit)."""
+        function of the payload. `payloads` may be a generator: it is read SUBMIT_CHUNK at a time,
+        so memory stays bounded however many it yields. With `conn`, inside your own transaction
+        (see submit), and read whole first."""
         check_queue_name(queue)
         where = f"submit_many to {shown(queue)}"
         check_priority(priority, where)
         when = to_timestamp(run_at, where)
-        payloads = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
         if key is None and dedup_key is None and conn is None:
             # fast path: the checks above done once, the store encodes the payloads as it sends
             # them (see Store.submit_payloads); on a payload that cannot be encoded nothing is
-            # stored, and the slow path names it
-            if not payloads:
-                return 0
-            try:
-                stored = self.store.submit_payloads(queue, payloads, when, priority)
-            except (TypeError, ValueError):
-                name_the_culprit(payloads, where)
-                raise
-            self.wakeup.set()
-            return stored
-        if key is None and dedup_key is None:
+            # stored, and its index is named
+            return self._submit_payloads(queue, payloads, when, priority, where)
+        if key is None and dedup_key is None:  # with conn: in the caller's transaction, read whole
+            payloads = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
             try:
                 items = [NewItem(queue, _encode(p), None, None, when, priority) for p in payloads]
             except (TypeError, ValueError):
                 name_the_culprit(payloads, where)
                 raise
-        else:
-            items = [
-                NewItem(queue, encode_payload(p, f"{where}, item {n}"), _pick(key, p, "key", f"{where}, item {n}"),
-                        _pick(dedup_key, p, "dedup_key", f"{where}, item {n}"), when, priority)
-                for n, p in enumerate(payloads)
-            ]
-        return self.submit_items(items, conn=conn)
+            return self.submit_items(items, conn=conn)
+        new_items = (
+            NewItem(queue, encode_payload(p, f"{where}, item {n}"), _pick(key, p, "key", f"{where}, item {n}"),
+                    _pick(dedup_key, p, "dedup_key", f"{where}, item {n}"), when, priority)
+            for n, p in enumerate(payloads)
+        )
+        return self.submit_items(new_items, conn=conn)
 
-    def submit_items(self, items: Sequence[NewItem], *, chunk: int | None = None,
-                     progress: Callable[[int], Any] | None = None, conn: Any = None) -> int:
-        """Store already validated items in one transaction (all or nothing), `chunk` at a time,
-        calling `progress(n)` after each chunk; returns how many were stored."""
-        if not items:
+    def _submit_payloads(self, queue: str, payloads: Iterable[Any], when: float | None, priority: int,
+                         where: str) -> int:
+        """submit_many's fast path, a chunk at a time. One chunk is the store's own transaction
+        (SQLite encodes it before taking the write lock); more share one transaction."""
+        chunks = _chunks(payloads, SUBMIT_CHUNK)
+        first = next(chunks, None)
+        if first is None:
+            return 0
+        second = next(chunks, None)
+        store = self.store
+        start, chunk = first
+        try:
+            if second is None:
+                stored = store.submit_payloads(queue, chunk, when, priority)
+            else:
+                stored = 0
+                with store.transaction():
+                    for start, chunk in itertools.chain([first, second], chunks):
+                        stored += store.submit_payloads(queue, chunk, when, priority)
+        except (TypeError, ValueError):
+            name_the_culprit(chunk, where, start)
+            raise
+        self.wakeup.set()
+        return stored
+
+    def submit_items(self, items: Iterable[NewItem], *, chunk: int | None = None,
+                     progress: Callable[[int], Any] | None = None, conn: Any = None,
+                     on_ids: Callable[[list[int | None]], Any] | None = None) -> int:
+        """Store already validated items in one transaction (all or nothing), `chunk` at a time
+        (default SUBMIT_CHUNK; `items` may be a generator, read a chunk at a time), calling
+        `progress(n)` and `on_ids(ids)` after each chunk (ids: each item's new id, None where its
+        dedup key was already stored); returns how many were stored. With `conn` (see submit), in
+        one call inside the caller's transaction, `items` read whole first."""
+        if conn is not None:
+            items = items if isinstance(items, (list, tuple)) else list(items)
+            if not items:
+                return 0
+            ids = self.store.submit_many(items, conn=conn)
+            if on_ids:
+                on_ids(ids)
+            self.wakeup.set()
+            return sum(1 for i in ids if i is not None)
+        chunks = _chunks(items, chunk or SUBMIT_CHUNK)
+        first = next(chunks, None)
+        if first is None:
             return 0
         store = self.store
-        if conn is not None:
-            stored = sum(1 for i in store.submit_many(items, conn=conn) if i is not None)
-            self.wakeup.set()
-            return stored
-        step = chunk or len(items)
         stored = 0
         with store.transaction():
-            for start in range(0, len(items), step):
-                part = items[start:start + step]
-                stored += sum(1 for i in store.submit_many(part) if i is not None)
+            for _, part in itertools.chain([first], chunks):
+                ids = store.submit_many(part)
+                stored += sum(1 for i in ids if i is not None)
+                if on_ids:
+                    on_ids(ids)
                 if progress:
                     progress(len(part))
         self.wakeup.set()

@@ -96,8 +96,8 @@ def encode_payload(payload: Any, where: str) -> str:
         raise UsageError(f"{where}: payload is not JSON-serialisable ({exc})") from None
 
 
-def name_the_culprit(payloads: Sequence[Any], where: str) -> None:
+def name_the_culprit(payloads: Sequence[Any], where: str, start: int = 0) -> None:
     """After a bulk encode failed: raise the UsageError naming the first payload that cannot be
-    encoded (returns if, against expectation, all of them can)."""
-    for n, p in enumerate(payloads):
+    encoded, counting from `start` (returns if, against expectation, all of them can)."""
+    for n, p in enumerate(payloads, start):
         encode_payload(p, f"{where}, item {n}")
