@@ -298,3 +298,121 @@ def test_help_and_version(cli):
     assert r.returncode == 0 and "submit" in r.stdout and "worker" in r.stdout
     r = cli("--version", db=None)
     assert r.returncode == 0 and conveyor.__version__ in r.stdout
+
+
+# -- what happened: submit's ids, items, show -----------------------------------------------------
+def test_submit_prints_the_ids_it_stored(cli, app):
+    r = cli("submit", "emails", input='{"to": "a"}\n{"to": "b"}\n{"to": "c"}\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(": ids 1, 2, 3"), r.stdout
+    r = cli("submit", "emails", input='{"to": "d"}\n')
+    assert r.stdout.strip().endswith(": id 4"), r.stdout
+    many = "".join(json.dumps({"to": f"u{i}", "n": i % 20}) + "\n" for i in range(25))
+    r = cli("submit", "emails", "--dedup-field", "n", input=many)  # 20 new, 5 duplicates
+    assert r.returncode == 0, r.stderr
+    assert "submitted 20 item(s)" in r.stdout and "5 skipped as duplicates" in r.stdout
+    assert r.stdout.strip().endswith(": ids 5 (first) to 24 (last)"), r.stdout
+    assert app.get(24).payload == {"to": "u19", "n": 19}
+    r = cli("submit", "emails", "--dedup-field", "n", input=many)
+    assert "submitted 0 item(s)" in r.stdout and "id" not in r.stdout.split("in ")[-1], r.stdout
+
+
+def _dead(app, queue: str, error: str) -> int:
+    """An item of `queue` failed for good with `error` as its last_error; returns its id."""
+    from conveyor.model import Claim
+
+    item_id = app.submit(queue, {"why": "dead"})
+    claimed = app.store.claim(Claim(queue, 100, 30, 1), "test")
+    (item,) = [it for it in claimed if it.id == item_id]
+    assert app.store.fail([(item.id, item.claim_token, error)]) == []
+    assert app.store.release([(it.id, it.claim_token) for it in claimed if it is not item]) == []
+    return item_id
+
+
+def table_ids(out: str) -> list[int]:
+    """The ids in the first column of a table printed by `conveyor items`."""
+    return [int(cells[1]) for cells in map(str.split, out.splitlines()) if cells[1:2] and cells[1].isdigit()]
+
+
+TRACEBACK = ('Traceback (most recent call last):\n  File "app.py", line 3, in send\n    smtp.send(to)\n'
+             'ConnectionError: [Errno 111] refused by [mx.example]\nsecond line of the message')
+
+
+def test_items_pages_newest_first_and_says_how_to_get_the_next_page(cli, app):
+    ids = [app.submit("emails", {"i": i}) for i in range(7)]
+    app.submit("sms", {"i": 0})
+    pages = []
+    before: list[str] = []
+    while True:
+        r = cli("items", "emails", "--limit", "3", *before)
+        assert r.returncode == 0, r.stderr
+        rows = table_ids(r.stdout)
+        pages.append(rows)
+        more = [ln for ln in r.stdout.splitlines() if ln.startswith("more:")]
+        if not more:
+            break
+        assert more == [f"more: conveyor items emails --limit 3 --before {rows[-1]}"]
+        before = ["--before", str(rows[-1])]
+    assert pages == [ids[::-1][:3], ids[::-1][3:6], ids[::-1][6:]]
+    r = cli("items", "emails", "--before", str(ids[0]))
+    assert r.returncode == 0 and "no items" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_items_filters_by_state_and_key_and_shows_the_error_line(cli, app):
+    app.submit_many("emails", [{"i": i} for i in range(3)], key="k1")
+    dead = _dead(app, "emails", TRACEBACK)
+    r = cli("items", "emails", "--state", "dead")
+    assert r.returncode == 0, r.stderr
+    assert table_ids(r.stdout) == [dead] and "dead" in r.stdout
+    # the line that says what went wrong, as written (brackets are not markup), not the traceback's first
+    assert "ConnectionError: [Errno 111] refused by [mx.example]" in r.stdout
+    assert "Traceback" not in r.stdout and "second line" not in r.stdout
+    r = cli("items", "emails", "--key", "k1", "--json")
+    assert [it["key"] for it in json.loads(r.stdout)] == ["k1"] * 3
+    assert "more:" not in cli("items", "emails", "--limit", "4").stdout
+
+
+def test_items_json_holds_whole_items(cli, app):
+    app.submit("emails", {"to": "ü@x", "n": [1, 2]}, key="k", priority=3)
+    dead = _dead(app, "emails", TRACEBACK)
+    r = cli("items", "emails", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert [it["id"] for it in got] == [dead, 1]
+    assert got[0]["last_error"] == TRACEBACK and got[0]["state"] == "dead" and got[0]["attempts"] == 1
+    first = got[1]
+    assert {"id", "queue", "state", "key", "attempts", "priority", "run_at", "created_at", "finished_at",
+            "last_error", "payload"} <= set(first)
+    assert (first["payload"], first["key"], first["priority"], first["state"]) == ({"to": "ü@x", "n": [1, 2]}, "k", 3, "pending")
+    assert first["finished_at"] is None and first["run_at"].endswith("+00:00")
+    assert json.loads(cli("items", "nothing-here", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--state", "bogus"], "'bogus'"),
+    (["--limit", "0"], "limit"),
+    (["--before", "0"], "before_id"),
+])
+def test_items_bad_input_is_one_line(cli, app, args, needle):
+    app.store.migrate()  # the database exists: the error is about the arguments
+    assert_usage_error(cli("items", "emails", *args), needle)
+    assert_usage_error(cli("items", "bad queue"), "'bad queue'")
+
+
+def test_show_prints_one_item_whole(cli, app):
+    dead = _dead(app, "emails", TRACEBACK)
+    r = cli("show", str(dead))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"item {dead}" in out and "state:     dead" in out and "attempts:  1 of 1" in out
+    assert '"why": "dead"' in out  # the payload, pretty
+    assert "Traceback (most recent call last)" in out and "second line of the message" in out
+    assert out.index("payload:") < out.index("last error:")
+    got = json.loads(cli("show", str(dead), "--json").stdout)
+    assert got["id"] == dead and got["payload"] == {"why": "dead"} and got["last_error"] == TRACEBACK
+
+
+def test_show_unknown_id_is_one_line(cli, app):
+    app.store.migrate()
+    assert_usage_error(cli("show", "424242"), "424242")
+    assert_usage_error(cli("show", "424242", "--json"), "424242")

@@ -96,7 +96,8 @@ def test_worker_log_names_postgres_without_password(pg_database, run):
     assert f"conveyor worker on PostgreSQL postgresql://postgres@127.0.0.1:5432/{dbname}" in one_line(r.stderr)
 
 
-@pytest.mark.parametrize("command", [["status"], ["status", "--json"]])
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["items", "q"], ["items", "q", "--json"],
+                                     ["show", "1"]])
 def test_read_only_commands_never_create_a_sqlite_file(run, tmp_path, command):
     missing = tmp_path / "typo.db"
     for args in (["--db", f"sqlite:///{missing}", *command], [*command, "--db", f"sqlite:///{missing}"]):
@@ -136,8 +137,9 @@ def bare_pg_database(pg_database):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_read_only_commands_create_no_table_in_postgres(run, bare_pg_database):
-    r = run("status", "--db", bare_pg_database)
+@pytest.mark.parametrize("command", [["status"], ["items", "q"], ["show", "1"]])
+def test_read_only_commands_create_no_table_in_postgres(run, bare_pg_database, command):
+    r = run(*command, "--db", bare_pg_database)
     assert r.returncode == 2, r
     assert "has no conveyor tables" in r.stderr and "Traceback" not in r.stderr
     with psycopg.connect(bare_pg_database) as conn:
@@ -172,6 +174,7 @@ def test_a_sqlite_file_on_a_read_only_file_system_can_be_read(tmp_path):
         extra.unlink()
     script = (f"mount --bind -o ro {folder} {folder} && "
               f"{sys.executable} -m conveyor --db sqlite:///{folder / 'c.db'} status --json && "
+              f"{sys.executable} -m conveyor --db sqlite:///{folder / 'c.db'} items emails --json --limit 3 && "
               f"(touch {folder}/probe 2>/dev/null && echo WRITABLE || true)")
     r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

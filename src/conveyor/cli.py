@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import importlib
 import json
 import logging
 import os
+import shlex
 import sys
+import textwrap
 import time
 from typing import IO, Any, Callable, Iterator
 
@@ -17,12 +20,13 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .app import App, check_priority, check_queue_name
 from .codec import MAX_DEPTH, check_text, encode_payload
 from .durations import parse_duration
 from .errors import ConveyorError, UsageError, shown
-from .model import STATES, NewItem
+from .model import STATES, Item, NewItem, error_headline
 
 err_console = Console(stderr=True)
 SUBMIT_CHUNK = 5000
@@ -170,11 +174,39 @@ def submit(ctx: click.Context, queue: str, file: str, key_field: str | None, ded
                 progress.update(task, completed=size)
         progress.update(task, completed=total or size)
         store_task = progress.add_task(f"storing into {queue!r}", total=len(items))
-        stored = app.submit_items(items, chunk=SUBMIT_CHUNK, progress=lambda n: progress.advance(store_task, n))
+        ids = StoredIds()
+        stored = app.submit_items(items, chunk=SUBMIT_CHUNK, progress=lambda n: progress.advance(store_task, n),
+                                  on_ids=ids.add)
     elapsed = time.perf_counter() - started
     skipped = len(items) - stored
     note = f", {skipped} skipped as duplicates" if skipped else ""
-    click.echo(f"submitted {stored} item(s) to {queue!r}{note} in {elapsed:.2f}s")
+    click.echo(f"submitted {stored} item(s) to {queue!r}{note} in {elapsed:.2f}s{ids.describe()}")
+
+
+class StoredIds:
+    """The ids a submit stored, as few as it takes to name them: all of up to SHOW_IDS, else the
+    first and the last."""
+
+    SHOW_IDS = 10
+
+    def __init__(self) -> None:
+        self.first: list[int] = []
+        self.last: int | None = None
+        self.count = 0
+
+    def add(self, ids: list[int | None]) -> None:
+        for i in ids:
+            if i is not None:
+                if len(self.first) < self.SHOW_IDS:
+                    self.first.append(i)
+                self.last, self.count = i, self.count + 1
+
+    def describe(self) -> str:
+        if not self.count:
+            return ""
+        if self.count <= self.SHOW_IDS:
+            return f": id{'s' if self.count > 1 else ''} {', '.join(map(str, self.first))}"
+        return f": ids {self.first[0]} (first) to {self.last} (last)"
 
 
 # -- worker ---------------------------------------------------------------------------------------
@@ -335,6 +367,95 @@ def purge(ctx: click.Context, queue: str, older_than: str) -> None:
     """Delete a queue's resolved, dead and cancelled items finished longer ago than --older-than."""
     n = app_from(ctx).purge(queue, parse_duration(older_than, "--older-than"))
     click.echo(f"{n} finished item(s) of {queue!r} purged")
+
+
+def utc(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def item_json(item: Item) -> dict[str, Any]:
+    """An item as `items --json` and `show --json` print it: every field, times in ISO 8601 UTC."""
+    return {
+        "id": item.id, "queue": item.queue, "state": str(item.state), "key": item.key, "dedup_key": item.dedup_key,
+        "priority": item.priority, "attempts": item.attempts, "max_attempts": item.max_attempts,
+        "run_at": utc(item.run_at), "created_at": utc(item.created_at), "finished_at": utc(item.finished_at),
+        "lease_owner": item.lease_owner, "lease_expires_at": utc(item.lease_expires_at),
+        "last_error": item.last_error, "payload": item.payload,
+    }
+
+
+def short_time(moment: dt.datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@main.command()
+@global_options
+@click.argument("queue")
+@click.option("--state", default=None, metavar="STATE", help=f"Only items in this state: {', '.join(STATES)}.")
+@click.option("--key", default=None, help="Only items with this ordering key.")
+@click.option("--limit", default=50, show_default=True, type=int, help="Items per page.")
+@click.option("--before", "before", default=None, type=int, metavar="ID", help="The page of items older than this id.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of whole items (payload and full last_error).")
+@click.pass_context
+@friendly
+def items(ctx: click.Context, queue: str, state: str | None, key: str | None, limit: int, before: int | None,
+          as_json: bool) -> None:
+    """A queue's items, newest first, a page at a time (--before ID for the next one)."""
+    app = app_from(ctx, read_only=True)
+    page = app.items(queue, state=state, key=key, before_id=before, limit=limit)
+    if as_json:
+        click.echo(json.dumps([item_json(it) for it in page], indent=2, ensure_ascii=False))
+        return
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    which = " · ".join([queue] + [f"state {state}"] * bool(state) + [f"key {key}"] * (key is not None))
+    if not page:
+        console.print(Text(f"no items: {which}" + (f" · older than id {before}" if before is not None else "")))
+        return
+    table = Table(title=Text(f"{which} · newest first"), title_justify="left")
+    table.add_column("id", justify="right")
+    table.add_column("state")
+    table.add_column("key")
+    table.add_column("attempts", justify="right")
+    table.add_column("run_at (UTC)")
+    table.add_column("last error", overflow="ellipsis", no_wrap=True, max_width=70)
+    for it in page:
+        table.add_row(str(it.id), str(it.state), Text(it.key or "-"), str(it.attempts), short_time(it.run_at),
+                      Text(error_headline(it.last_error)))
+    console.print(table)
+    last = page[-1].id
+    if len(page) == limit and app.items(queue, state=state, key=key, before_id=last, limit=1):
+        again = [f"--state {state}"] * bool(state) + [f"--key {shlex.quote(key)}"] * (key is not None)
+        again += [f"--limit {limit}"] * (limit != 50)
+        console.print(f"more: conveyor items {shlex.quote(queue)} {' '.join(again + [f'--before {last}'])}",
+                      highlight=False, soft_wrap=True)
+
+
+@main.command()
+@global_options
+@click.argument("item_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the item as one JSON object.")
+@click.pass_context
+@friendly
+def show(ctx: click.Context, item_id: int, as_json: bool) -> None:
+    """One item whole: its fields, its payload and its last error (the full traceback)."""
+    item = app_from(ctx, read_only=True).get(item_id)
+    if as_json:
+        click.echo(json.dumps(item_json(item), indent=2, ensure_ascii=False))
+        return
+    attempts = f"{item.attempts}" + (f" of {item.max_attempts}" if item.max_attempts else "")
+    fields = [("queue", item.queue), ("state", str(item.state)), ("key", item.key), ("dedup key", item.dedup_key),
+              ("priority", item.priority), ("attempts", attempts), ("created", short_time(item.created_at)),
+              ("run at", short_time(item.run_at)), ("finished", item.finished_at and short_time(item.finished_at)),
+              ("lease", item.lease_owner and f"{item.lease_owner} until {short_time(item.lease_expires_at)}")]
+    click.echo(f"item {item.id}")
+    for name, value in fields:
+        if value is not None:
+            click.echo(f"  {name + ':':<10} {value}")
+    click.echo("payload:")
+    click.echo(textwrap.indent(json.dumps(item.payload, indent=2, ensure_ascii=False), "  "))
+    if item.last_error:
+        click.echo("last error:")
+        click.echo(textwrap.indent(item.last_error, "  "))
 
 
 @main.command()

@@ -495,7 +495,13 @@ class PostgresStore(SQLStore):
     # -- operators ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _listing(self) -> Iterator[None]:
-        with self.transaction():
+        """A page's statements in one transaction of their own (a read-only store may open one),
+        planned under LIST_PLANNER; inside a caller's store transaction, as they come."""
+        conn = self._conn()
+        if self._local.depth:
+            yield
+            return
+        with conn.transaction():
             self._execute(q.LIST_PLANNER)
             yield
 
