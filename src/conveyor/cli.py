@@ -60,8 +60,8 @@ def setup_logging(level: str) -> None:
 
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
-DB_HELP = ("Database URL: sqlite:///file.db or postgresql://user@host/db. Default: $CONVEYOR_DATABASE_URL, "
-           "else the app's own URL (worker), else sqlite:///conveyor.db.")
+DB_HELP = ("Database URL: sqlite:///file.db or postgresql://user@host/db. Default: the app's own URL (worker), "
+           "a fresh file (demo), else $CONVEYOR_DATABASE_URL, else sqlite:///conveyor.db.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
