@@ -167,7 +167,7 @@ def summary(results: dict[str, list[dict]], quick: bool, started: float, load: t
     add("memory: growth after the 1st chunk",
         lambda s: f"{me(s)['growth_mb']:+.1f} MB ({me(s)['growth_pct']:+.1f}%) {'flat' if me(s)['flat'] else 'GROWS'}" if me(s) else "—")
 
-    when = dt.datetime.fromtimestamp(started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = dt.datetime.fromtimestamp(started, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     minutes = (time.time() - started) / 60
     head = (f"`python -m bench{' --quick' if quick else ''}`, {when}, {minutes:.1f} min; "
             f"load average (1/5/15 min) at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, "

@@ -33,8 +33,7 @@ from rich.table import Table
 import conveyor
 
 from . import raw_postgres, raw_sqlite, throughput
-from .common import (PG_ADMIN_URL, QUEUE, base_line, fresh_url, payloads, ratio, record,
-                     stores_from)
+from .common import PG_ADMIN_URL, QUEUE, base_line, fresh_url, payloads, ratio, record, stores_from
 
 console = Console(width=max(120, Console().width))
 
@@ -97,9 +96,8 @@ def raw_on_big(store: str, url: str, rows: int, n: int, processes: int, batch_si
     else:
         import psycopg
 
-        with psycopg.connect(url, autocommit=True) as conn:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute(raw_postgres.INSERT_SQL, ([QUEUE] * n, texts, [None] * n, [None] * n, [0] * n, [None] * n))
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(raw_postgres.INSERT_SQL, ([QUEUE] * n, texts, [None] * n, [None] * n, [0] * n, [None] * n))
         seconds, cpu = raw_postgres.drain(url, processes, batch_size)
         got = raw_postgres.counts(url)
     if got != {"resolved": rows + (2 if conveyor_ran else 1) * n}:

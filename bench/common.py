@@ -12,8 +12,9 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from queue import Empty
-from typing import Any, Callable, Iterator
+from typing import Any
 
 PG_ADMIN_URL = os.environ.get("CONVEYOR_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 QUEUE = "orders"
@@ -145,7 +146,7 @@ def base_line(workload: str, store: str, pg_admin: str = PG_ADMIN_URL, **params)
     """The fields every result line starts with: when, what, where, and how loaded the machine was."""
     import datetime as dt
 
-    line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "workload": workload, "store": store, **params,
             "loadavg_1m_before": round(os.getloadavg()[0], 2)}
     m = machine()

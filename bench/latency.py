@@ -39,8 +39,20 @@ from rich.table import Table
 import conveyor
 
 from . import minimal, raw_serve
-from .common import (PG_ADMIN_URL, QUEUE, base_line, fresh_url, percentile, ratio, record, run_workers,
-                     start_process, stop_process, stores_from, wait_until)
+from .common import (
+    PG_ADMIN_URL,
+    QUEUE,
+    base_line,
+    fresh_url,
+    percentile,
+    ratio,
+    record,
+    run_workers,
+    start_process,
+    stop_process,
+    stores_from,
+    wait_until,
+)
 
 console = Console(width=max(150, Console().width))
 PROCESSES = 2

@@ -2,7 +2,8 @@
 it has handled 1,000,000 items, sampled every 100,000.
 
 Per store, in one invocation: a fresh database; ONE worker process (`app.run_worker(processes=1)`
-in a fresh interpreter started by the bench, so its RSS is the worker's alone; no-op handler, batch 100, concurrency 4) started and
+in a fresh interpreter started by the bench, so its RSS is the worker's alone; no-op handler, batch 100, concurrency 4)
+started and
 warmed up with one item; then the bench submits --chunk (100,000) items at a time with
 `app.submit_many`, waits until the store says they are all resolved (app.stats()), and reads the
 worker's VmRSS; until --items (1,000,000; --quick 300,000). At the end the store must hold exactly

@@ -28,10 +28,9 @@ from typing import Any
 
 import psycopg
 
+from conveyor.stores import postgres_queries as _store  # the store's own statements, never copies
 
 from .common import PG_ADMIN_URL, QUEUE, payloads, pg_database, run_forked
-
-from conveyor.stores import postgres_queries as _store  # the store's own statements, never copies
 
 SCHEMA = ";\n".join(sql for _, _, sql in _store.MIGRATIONS)
 CLAIM_SQL = _store.CLAIM
@@ -81,7 +80,8 @@ def loop(url: str, batch_size: int, cycle: str, out: Any) -> None:
                     rows = [r[1:] for r in rows if r[0] >= 0]
                 else:
                     with conn.transaction():
-                        got = len(conn.execute(RESOLVE_SQL, {"ids": ids, "toks": tokens, "b2": None, "b3": None}).fetchall()) if ids else 0
+                        args = {"ids": ids, "toks": tokens, "b2": None, "b3": None}
+                        got = len(conn.execute(RESOLVE_SQL, args).fetchall()) if ids else 0
                         rows = conn.execute(CLAIM_SQL, dict(claim, token=secrets.randbits(63))).fetchall()
             except psycopg.OperationalError as exc:
                 if not (exc.sqlstate or "").startswith("40"):
@@ -130,7 +130,8 @@ def main() -> None:
     args = ap.parse_args()
     r = run(args.items, args.processes, args.batch_size, args.pg, args.cycle)
     print(f"raw PostgreSQL loop: {args.items} items, {args.processes} process(es), batch {args.batch_size}: "
-          f"{r['raw_cycle']} cycle: {r['raw_per_s']:,.0f} items/s ({r['raw_seconds']:.2f} s); insert {r['raw_insert_per_s']:,.0f} items/s")
+          f"{r['raw_cycle']} cycle: {r['raw_per_s']:,.0f} items/s ({r['raw_seconds']:.2f} s); "
+          f"insert {r['raw_insert_per_s']:,.0f} items/s")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import json
 import os
 import secrets
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import raw_postgres, raw_sqlite
 from .common import QUEUE

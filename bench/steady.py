@@ -22,7 +22,8 @@ import argparse
 import multiprocessing
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -30,8 +31,20 @@ from rich.table import Table
 import conveyor
 
 from . import raw_serve
-from .common import (PG_ADMIN_URL, QUEUE, base_line, fresh_url, percentile, ratio, record, run_workers,
-                     start_process, stop_process, stores_from, wait_until)
+from .common import (
+    PG_ADMIN_URL,
+    QUEUE,
+    base_line,
+    fresh_url,
+    percentile,
+    ratio,
+    record,
+    run_workers,
+    start_process,
+    stop_process,
+    stores_from,
+    wait_until,
+)
 
 console = Console(width=max(130, Console().width))
 PROCESSES = 2

@@ -43,7 +43,17 @@ from rich.table import Table
 import conveyor
 
 from . import minimal, raw_postgres, raw_sqlite
-from .common import PG_ADMIN_URL, QUEUE, cpu_seconds, machine, payloads, pg_database, pg_problem, pg_version, sqlite_database
+from .common import (
+    PG_ADMIN_URL,
+    QUEUE,
+    cpu_seconds,
+    machine,
+    payloads,
+    pg_database,
+    pg_problem,
+    pg_version,
+    sqlite_database,
+)
 
 OTHER_STATES = ("pending", "in_progress", "dead", "cancelled")
 console = Console(width=max(160, Console().width))
@@ -113,7 +123,7 @@ def bench_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
     """One store's result line: medians over the rounds of conveyor (unless its store is missing)
     and of the raw loop."""
     line: dict[str, Any] = {
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "store": store, "workload": "noop", "items": args.items, "processes": args.processes,
         "batch_size": args.batch_size, "concurrency": args.concurrency, "repeat": args.repeat,
         "loadavg_1m_before": round(os.getloadavg()[0], 2),  # others' load on the machine skews every figure

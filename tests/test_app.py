@@ -143,7 +143,7 @@ def test_submit_many_with_fixed_key(app):
 def test_run_at_as_timedelta_datetime_and_seconds(app):
     now = time.time()
     a = app.submit("q", "td", run_at=dt.timedelta(hours=1))
-    b = app.submit("q", "aware", run_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=30))
+    b = app.submit("q", "aware", run_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30))
     c = app.submit("q", "naive-local", run_at=dt.datetime.now() + dt.timedelta(minutes=10))
     d = app.submit("q", "seconds", run_at=now + 120)
     e = app.submit("q", "past", run_at=dt.timedelta(seconds=-5))

@@ -104,7 +104,7 @@ def test_run_at_out_of_range_is_refused(app, run_at):
 
 
 def test_run_at_far_but_valid_round_trips(app):
-    when = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc)
+    when = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
     item_id = app.submit("q", 1, run_at=when)
     assert app.get(item_id).run_at == when
 
@@ -140,7 +140,7 @@ def test_long_values_are_cut_in_messages(app):
     assert len(str(exc.value)) < 300
     assert "10,000 characters" in str(exc.value)
     with pytest.raises(UsageError) as exc:
-        conveyor.App("nosuch://" + "y" * 10_000).store
+        _ = conveyor.App("nosuch://" + "y" * 10_000).store
     assert len(str(exc.value)) < 300
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_cli import app, assert_usage_error, cli, stats  # noqa: F401 - fixtures
 
 

@@ -15,11 +15,10 @@ import uuid
 
 import psycopg
 import pytest
+from conftest import PG_ADMIN_URL
 
 import conveyor
 from conveyor.stores import open_store
-
-from conftest import PG_ADMIN_URL
 
 APP_MODULE = textwrap.dedent(
     """

@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 import pytest
+from waiting import wait_until
 
 import conveyor
 from conveyor.errors import ItemNotFound, StoreError, UsageError
@@ -27,7 +28,6 @@ from conveyor.model import Claim, NewItem, Outcomes
 from conveyor.stores.postgres import PostgresStore
 from conveyor.stores.postgres_queries import CLAIM, CLAIM_ORDERED, COPY_FROM
 from conveyor.stores.sqlite import SQLiteStore
-from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,11 +233,10 @@ def test_settle_and_claim_with_an_ordered_claim_sees_what_it_settled(store):
 
 def test_settle_and_claim_joins_an_open_store_transaction(store):
     (item_id,) = store.submit_many([new()])
-    with pytest.raises(RuntimeError):
-        with store.transaction():
-            _, (got,) = store.settle_and_claim(Outcomes(), [Claim("q", 10, 30.0, 5)], "w")
-            assert [i.id for i in got] == [item_id]
-            raise RuntimeError("roll back")
+    with pytest.raises(RuntimeError), store.transaction():
+        _, (got,) = store.settle_and_claim(Outcomes(), [Claim("q", 10, 30.0, 5)], "w")
+        assert [i.id for i in got] == [item_id]
+        raise RuntimeError("roll back")
     assert store.get(item_id).state == conveyor.State.PENDING
 
 
@@ -511,11 +510,10 @@ def test_lost_connection_raises_store_error_then_reconnects(store, pg_url):
 
     # inside a transaction: the transaction fails as a whole, the next one works
     pid = _backend_pid(store)
-    with pytest.raises(StoreError):
-        with store.transaction():
-            with admin(pg_url) as conn:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            store.claim(Claim("q", 10, 30.0, 5), "w")
+    with pytest.raises(StoreError), store.transaction():
+        with admin(pg_url) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        store.claim(Claim("q", 10, 30.0, 5), "w")
     assert [i.id for i in store.claim(Claim("q", 10, 30.0, 5), "w")] == [item_id]
 
 

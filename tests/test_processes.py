@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 import conveyor
 from conveyor.model import Claim
-from waiting import wait_until
 
 # The app the worker processes import. Its behaviour comes from environment variables so that one
 # module serves every test: the lease, batch size, concurrency, a per-item sleep, an item that

@@ -9,7 +9,8 @@ only bounds how long a broken build takes to fail.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 TIMEOUT = 30.0  # seconds: only a failing test waits this long
 

@@ -40,8 +40,7 @@ from rich.table import Table
 
 from .. import latency as latency_bench
 from .. import minimal, raw_postgres, raw_sqlite, throughput
-from ..common import (PG_ADMIN_URL, RESULTS_DIR, base_line, fresh_url, pg_database, pg_problem, record,
-                      sqlite_database)
+from ..common import PG_ADMIN_URL, RESULTS_DIR, base_line, fresh_url, pg_database, pg_problem, record, sqlite_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS_PYTHON = os.path.join(ROOT, "bench", "peers", ".venv", "bin", "python")

@@ -84,7 +84,8 @@ def drain(peer, n: int, processes: int, timeout: float) -> dict:
             raise RuntimeError(f"{peer.name}: {_died(procs)}")
         confirmed = peer.remaining() is not None
         if confirmed and not probe.wait_for(lambda: peer.remaining() == 0, 60, 0.005):
-            raise RuntimeError(f"{peer.name}: the store still holds {peer.remaining()} unfinished items 60 s after the last handler call")
+            raise RuntimeError(f"{peer.name}: the store still holds {peer.remaining()} unfinished items "
+                               "60 s after the last handler call")
         end_ns = time.time_ns()
         handled, first, last = probe.counters(probe.FOLDER)
         _stop(procs)

@@ -12,8 +12,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
@@ -32,8 +32,8 @@ _QUEUE_NAME = re.compile(r"^[^\s\x00-\x1f]{1,200}$")
 #: priority and other integers are stored as signed 64-bit integers on every store
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: run_at must fall in years 1-9999 (what a datetime can hold, and so what an Item can carry)
-RUN_AT_MIN = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc).timestamp()
-RUN_AT_MAX = dt.datetime(9999, 12, 30, tzinfo=dt.timezone.utc).timestamp()
+RUN_AT_MIN = dt.datetime(1, 1, 2, tzinfo=dt.UTC).timestamp()
+RUN_AT_MAX = dt.datetime(9999, 12, 30, tzinfo=dt.UTC).timestamp()
 
 KeySpec = str | Callable[[Any], Any] | None
 
@@ -198,13 +198,13 @@ class App:
         """Register the decorated function as the handler of `queue`."""
         check_queue_name(queue)
         where = f"processor for queue {shown(queue)}"
-        for name, value, low in (
+        for name, count, low in (
             ("batch_size", batch_size, 1),
             ("concurrency", concurrency, 1),
             ("max_attempts", max_attempts, 1),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UsageError(f"{where}: {name} must be an integer >= {low}, not {shown(value)}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < low:
+                raise UsageError(f"{where}: {name} must be an integer >= {low}, not {shown(count)}")
         for name, value in (("lease_seconds", lease_seconds), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
             if not _positive_number(value):
                 raise UsageError(f"{where}: {name} must be a number > 0, not {shown(value)}")
@@ -222,7 +222,7 @@ class App:
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_handler(fn, options)
-            is_async = asyncio.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+            is_async = asyncio.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
             self.processors[queue] = Processor(options, fn, is_async)
             return fn
 
@@ -327,7 +327,7 @@ class App:
             else:
                 stored = 0
                 with store.transaction():
-                    for start, chunk in itertools.chain([first, second], chunks):
+                    for start, chunk in itertools.chain([first, second], chunks):  # noqa: B007 (named on error)
                         stored += store.submit_payloads(queue, chunk, when, priority)
         except (TypeError, ValueError):
             name_the_culprit(chunk, where, start)

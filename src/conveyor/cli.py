@@ -12,7 +12,8 @@ import shlex
 import sys
 import textwrap
 import time
-from typing import IO, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import click
 from rich.console import Console
@@ -154,7 +155,7 @@ def submit(ctx: click.Context, queue: str, file: str, key_field: str | None, ded
         stream, name, total = sys.stdin.buffer, "stdin", None
     else:
         try:
-            stream = open(file, "rb")
+            stream = open(file, "rb")  # noqa: SIM115 (closed by the caller, after the import)
         except OSError as exc:
             raise UsageError(f"cannot read {shown(file, 400)}: {exc.strerror}") from None
         name = file
@@ -220,7 +221,7 @@ def load_app(spec: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import module {module_name!r} (from {spec!r}): {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (whatever the user's module raised: one line, exit 2)
         raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     obj = module
     for part in attr.split("."):
@@ -370,7 +371,7 @@ def purge(ctx: click.Context, queue: str, older_than: str) -> None:
 
 
 def utc(moment: dt.datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return None if moment is None else moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def item_json(item: Item) -> dict[str, Any]:
@@ -385,7 +386,7 @@ def item_json(item: Item) -> dict[str, Any]:
 
 
 def short_time(moment: dt.datetime | None) -> str:
-    return "-" if moment is None else moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return "-" if moment is None else moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @main.command()
@@ -424,7 +425,7 @@ def items(ctx: click.Context, queue: str, state: str | None, key: str | None, li
     console.print(table)
     last = page[-1].id
     if len(page) == limit and app.items(queue, state=state, key=key, before_id=last, limit=1):
-        again = [f"--state {state}"] * bool(state) + [f"--key {shlex.quote(key)}"] * (key is not None)
+        again = [f"--state {state}"] * bool(state) + [f"--key {shlex.quote(key or '')}"] * (key is not None)
         again += [f"--limit {limit}"] * (limit != 50)
         console.print(f"more: conveyor items {shlex.quote(queue)} {' '.join(again + [f'--before {last}'])}",
                       highlight=False, soft_wrap=True)

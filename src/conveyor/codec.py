@@ -11,7 +11,8 @@ containing null is re-encoded by the stdlib, which refuses non-finite numbers. I
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 

@@ -47,7 +47,7 @@ class LeaseLost(ConveyorError):
     """This worker no longer holds the item: its lease expired and the item was rescued,
     claimed again or cancelled. Whatever this run did is refused."""
 
-    def __init__(self, item_ids: "list[int] | int", message: str | None = None):
+    def __init__(self, item_ids: list[int] | int, message: str | None = None):
         ids = [item_ids] if isinstance(item_ids, int) else list(item_ids)
         self.item_ids = ids
         super().__init__(message or f"lease lost on item(s) {', '.join(map(str, ids))}: result refused")

@@ -276,7 +276,7 @@ class Chaos:
         if skew is not None:
             params = dict(params, skew=skew)
         cmd = [*entry, "--db", self.url, "--log-level", "warning", "worker", "chaosapp:app", *args]
-        out = open(self.dir / f"worker-{self._n}.log", "wb")
+        out = open(self.dir / f"worker-{self._n}.log", "wb")  # noqa: SIM115 (the child keeps it)
         p = subprocess.Popen(cmd, cwd=self.dir, env=self.env(params), stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True)
         out.close()
@@ -431,7 +431,7 @@ def sqlite_hold_lock(chaos: Chaos, seconds: float, queued: bool = True) -> None:
     from conveyor.stores.sqlite import _WRITE_QUEUE_SUFFIX, sqlite_path
 
     conn = chaos.connect()
-    turn = open(sqlite_path(chaos.url) + _WRITE_QUEUE_SUFFIX, "ab") if queued else None
+    turn = open(sqlite_path(chaos.url) + _WRITE_QUEUE_SUFFIX, "ab") if queued else None  # noqa: SIM115
     try:
         if turn is not None:
             fcntl.flock(turn, fcntl.LOCK_EX)

@@ -19,11 +19,10 @@ import collections
 import time
 
 import pytest
+from waiting import wait_until
 
 import conveyor
 from conveyor.model import Claim
-
-from waiting import wait_until
 
 from .harness import Figures
 

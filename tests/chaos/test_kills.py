@@ -34,7 +34,7 @@ def test_sigkill_random_workers_while_draining(chaos, chaos_results):
     next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
     deadline = time.monotonic() + DEADLINE
     while True:
-        for n, p in enumerate(workers):
+        for p in workers:
             if p.poll() is not None and p.returncode != 0:
                 chaos.fail_with(f"worker {p.pid} died by itself with {p.returncode}", p)
         if all(p.poll() is not None for p in workers):

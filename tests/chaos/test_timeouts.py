@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 
-import conveyor
-from conveyor.worker import Worker
 from waiting import wait_until
 
-from .harness import Chaos, EFFECTS_PG, EFFECTS_SQLITE
+import conveyor
+from conveyor.worker import Worker
+
+from .harness import EFFECTS_PG, EFFECTS_SQLITE, Chaos
 
 # The timeout is also the budget of the run after the hang (a transaction begun, one insert,
 # committed): a second on a busy machine. Heartbeats every 0.8 s: one is under way (and blocked)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conveyor.model import Claim, NewItem
 from waiting import wait_until  # noqa: F401 - the conformance suite's tests import it from here
+
+from conveyor.model import Claim, NewItem
 
 OWNER = "test-worker"
 

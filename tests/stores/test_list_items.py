@@ -42,7 +42,7 @@ def every_state(store, queue: str = "q", key: str | None = None) -> dict[str, li
 
 def test_newest_first_page_by_page(store):
     mine: list[int] = []
-    for n in range(5):  # another queue's items in between, so pages must skip them
+    for _ in range(5):  # another queue's items in between, so pages must skip them
         mine += submit(store, "q", 5)
         submit(store, "other", 3)
     newest_first = sorted(mine, reverse=True)

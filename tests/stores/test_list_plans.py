@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from conveyor.model import NewItem
 from conveyor.stores.postgres_queries import LIST_WINDOW
 

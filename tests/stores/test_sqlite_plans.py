@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conveyor.stores import sqlite_queries as sq
 from conveyor.stores import open_store
+from conveyor.stores import sqlite_queries as sq
 
 from .helpers import claim, new, tokens
 

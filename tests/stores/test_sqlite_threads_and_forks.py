@@ -18,10 +18,10 @@ import textwrap
 import threading
 
 import pytest
+from waiting import wait_until
 
 from conveyor.model import NewItem
 from conveyor.stores.sqlite import _WRITE_QUEUE_SUFFIX, SQLiteStore
-from waiting import wait_until
 
 SCRIPT = textwrap.dedent("""
     import sys, threading, time
@@ -100,9 +100,8 @@ def test_a_write_transaction_holds_the_queue_lock_and_lets_go_of_it(sqlite_store
             pass
         assert not _lock_is_free(path)
     assert _lock_is_free(path)
-    with pytest.raises(RuntimeError):
-        with sqlite_store.transaction():
-            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError), sqlite_store.transaction():
+        raise RuntimeError("rolled back")
     assert _lock_is_free(path)
     sqlite_store.stats()  # reads do not queue
     assert _lock_is_free(path)

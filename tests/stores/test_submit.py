@@ -100,12 +100,11 @@ def test_transaction_commits_work_done_inside(store):
 
 def test_transaction_rolls_everything_back_on_exception(store):
     (a,) = submit(store, n=1)
-    with pytest.raises(RuntimeError, match="boom"):
-        with store.transaction():
-            store.submit_many([new("q", "inside"), new("q", "inside too", dedup_key="x")])
-            claimed = claim(store, limit=5)
-            assert len(claimed) == 3  # the transaction sees its own submissions
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), store.transaction():
+        store.submit_many([new("q", "inside"), new("q", "inside too", dedup_key="x")])
+        claimed = claim(store, limit=5)
+        assert len(claimed) == 3  # the transaction sees its own submissions
+        raise RuntimeError("boom")
     assert store.get(a).state == State.PENDING and store.get(a).attempts == 0
     assert store.find_dedup("q", "x") is None
     assert store.stats(["q"])["q"]["total"] == 1
@@ -115,20 +114,18 @@ def test_transaction_rolls_everything_back_on_exception(store):
 
 
 def test_nested_transaction_joins_the_outer_one(store):
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError), store.transaction():
         with store.transaction():
-            with store.transaction():
-                store.submit_many([new("q", "inner")])
-            raise KeyError("outer fails after the inner block finished")
+            store.submit_many([new("q", "inner")])
+        raise KeyError("outer fails after the inner block finished")
     assert store.stats(["q"])["q"]["total"] == 0
 
 
 def test_submit_many_is_all_or_nothing_inside_a_transaction(store):
-    with pytest.raises(ZeroDivisionError):
-        with store.transaction():
-            store.submit_many([new("q", i) for i in range(100)])
-            store.submit_many([new("q", i) for i in range(100)])
-            1 / 0
+    with pytest.raises(ZeroDivisionError), store.transaction():
+        store.submit_many([new("q", i) for i in range(100)])
+        store.submit_many([new("q", i) for i in range(100)])
+        raise ZeroDivisionError
     assert store.stats() == {}
 
 

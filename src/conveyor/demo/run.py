@@ -23,7 +23,8 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,7 +67,7 @@ class Feeder(threading.Thread):
                     self.app.submit_many(self.queues.orders, batch, key=lambda p: p["restaurant"])
                     self.submitted = due
                 self.stop.wait(TICK)
-        except BaseException as exc:  # reported by the orchestrator
+        except BaseException as exc:  # noqa: BLE001 (reported by the orchestrator)
             self.error = exc
         finally:
             try:
@@ -141,7 +142,8 @@ def run_demo(url: str | None = None, *, orders: int = 2000, drivers: int = 50, w
     _purge_old_runs(app)
     hold_id, busy = _setup(app, queues, drivers, seed)
     app.close()  # nothing may cross the fork below
-    console.print(f"{len(RESTAURANTS)} restaurants · {drivers - busy} drivers available, {busy} out on a trip · queues {queues.orders}, "
+    console.print(f"{len(RESTAURANTS)} restaurants · {drivers - busy} drivers available, {busy} out on a trip · "
+                  f"queues {queues.orders}, "
                   f"{queues.deliveries}", highlight=False, soft_wrap=True)
 
     quiet = logging.getLogger("conveyor")

@@ -85,11 +85,11 @@ def verify(app: App, conn: Any, queues: Queues, orders: int) -> list[Check]:
 
     wrong = []
     for i, avail, cur, made in run(conn, "SELECT id, available, current_order, deliveries FROM demo_drivers").fetchall():
-        trips = len(by_driver.get(i, []))
+        n_trips = len(by_driver.get(i, []))
         if not avail or cur is not None:
             wrong.append(f"driver {i} still holds order {cur}")
-        elif made != trips:
-            wrong.append(f"driver {i} made {made} deliveries but has {trips} trips")
+        elif made != n_trips:
+            wrong.append(f"driver {i} made {made} deliveries but has {n_trips} trips")
     checks.append(Check(
         "every trip delivered, every driver free again", not wrong and not open_trips and d["resolved"] == len(rows),
         f"{d['resolved']:,} deliveries resolved"

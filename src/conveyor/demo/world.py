@@ -35,8 +35,9 @@ import math
 import random
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..app import App
 from ..errors import Retry
@@ -65,7 +66,7 @@ class Queues:
     deliveries: str
 
     @classmethod
-    def for_run(cls, tag: str) -> "Queues":
+    def for_run(cls, tag: str) -> Queues:
         return cls(f"demo-orders-{tag}", f"demo-deliveries-{tag}")
 
 

@@ -9,7 +9,8 @@ matches: that is the fence that keeps a late worker from resolving an item twice
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from ..model import Claim, Item, NewItem, Outcomes, Token
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import orjson
 
 from ..errors import UsageError, shown
 from ..model import STATES, Item, State
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def new_token() -> int:
@@ -19,7 +20,7 @@ def new_token() -> int:
     return secrets.randbits(63)
 
 
-def refused(requested: Sequence[tuple[Any, ...]], accepted: Iterable[int]) -> list[int]:
+def refused(requested: Sequence[Sequence[Any]], accepted: Iterable[int]) -> list[int]:
     """Ids asked for but not accepted by the fenced statement, in the order asked."""
     ok = set(accepted)
     return [entry[0] for entry in requested if entry[0] not in ok]

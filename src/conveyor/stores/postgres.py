@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -73,10 +73,11 @@ class PostgresStore(PostgresConnections):
             items = [NewItem(queue, encode(p), None, None, run_at, priority) for p in payloads]
             return sum(1 for i in self.submit_many(items) if i is not None)
         sql = q.COPY_PAYLOADS.format(run_at="" if run_at is None else ", run_at")
-        when = None if run_at is None else dt.datetime.fromtimestamp(run_at, dt.timezone.utc)
+        when = None if run_at is None else dt.datetime.fromtimestamp(run_at, dt.UTC)
         with self.transaction() as own:
             try:
                 with own.cursor().copy(sql) as copy:
+                    rows: Iterator[tuple[Any, ...]]
                     if when is None:
                         copy.set_types(q.COPY_PAYLOADS_TYPES[:3])
                         rows = ((queue, encode(p), priority) for p in payloads)
@@ -131,10 +132,10 @@ class PostgresStore(PostgresConnections):
         checked = self._checked_conns.get(conn)
         if checked is None:
             try:
-                theirs = tuple(conn.cursor(row_factory=tuple_row).execute(q.IDENTITY).fetchone())
+                theirs = tuple(conn.cursor(row_factory=tuple_row).execute(q.IDENTITY).fetchone() or ())
             except psycopg.Error as exc:
                 raise UsageError(f"conn could not be checked against {self.host}: {exc}") from None
-            ours = tuple(self._execute(q.IDENTITY).fetchone())
+            ours = self._one(q.IDENTITY)
             checked = theirs == ours
             if not checked:
                 checked = f"database {theirs[0]!r} at port {theirs[1]}"
@@ -152,8 +153,8 @@ class PostgresStore(PostgresConnections):
 
     def _insert_copy(self, conn: psycopg.Connection[Any], items: Sequence[NewItem]) -> list[int | None]:
         cur = conn.cursor(row_factory=tuple_row)
-        now, ids = cur.execute(q.ALLOCATE, (len(items),)).fetchone()
-        run_at = [now if it.run_at is None else dt.datetime.fromtimestamp(it.run_at, dt.timezone.utc) for it in items]
+        now, ids = cur.execute(q.ALLOCATE, (len(items),)).fetchone() or (None, [])
+        run_at = [now if it.run_at is None else dt.datetime.fromtimestamp(it.run_at, dt.UTC) for it in items]
         dedup = [n for n, it in enumerate(items) if it.dedup_key is not None]
         if len(dedup) < len(items):
             with conn.cursor().copy(q.COPY) as copy:
@@ -230,16 +231,17 @@ class PostgresStore(PostgresConnections):
                 lost += self.fail(outcomes.failed) if outcomes.failed else []
                 lost += self.release(outcomes.released) if outcomes.released else []
                 return lost, [self.claim(c, owner) for c in claims]
-        parts = [(k, e) for k, e in (("resolve", outcomes.resolved), ("retry", outcomes.retried),
+        parts: list[tuple[str, Sequence[Any]]] = [(k, e) for k, e in (("resolve", outcomes.resolved), ("retry", outcomes.retried),
                                      ("fail", outcomes.failed), ("release", outcomes.released)) if e]
         if not parts and not claims:
             return [], []
         shape = (tuple(k for k, _ in parts), len(claims))
         sql = q.cycle(*shape)
         args: dict[str, Any] = {"owner": owner}
-        for k, entries in parts:
+        for k, given in parts:
+            entries: Sequence[Sequence[Any]] = given
             if k == "retry":
-                entries = [(i, t, float(d), e) for i, t, d, e in entries]
+                entries = [(i, t, float(d), e) for i, t, d, e in given]
             args[f"ids_{k}"] = _bigints(e[0] for e in entries)
             args[f"toks_{k}"] = _bigints(e[1] for e in entries)
             if k in ("retry", "fail"):
@@ -285,9 +287,9 @@ class PostgresStore(PostgresConnections):
         else:
             counts = self._execute(q.COUNTS.format(where="")).fetchall()
         names = sorted({c[0] for c in counts} | set(queues or []))
-        oldest = [(name, self._execute(q.OLDEST, {"q": name}).fetchone()[0]) for name in names]
-        recent = [(name, self._execute(q.RECENT, (name,)).fetchone()[0]) for name in names]
+        oldest = [(name, self._one(q.OLDEST, {"q": name})[0]) for name in names]
+        recent = [(name, self._one(q.RECENT, (name,))[0]) for name in names]
         return shape_stats(counts, oldest, recent, queues)
 
     def has_work(self, queues: Sequence[str]) -> bool:
-        return bool(self._execute(q.HAS_WORK, {"q": list(queues)}).fetchone()[0])
+        return bool(self._one(q.HAS_WORK, {"q": list(queues)})[0])

@@ -35,7 +35,7 @@ def describe(url: str) -> str:
         params = psycopg.conninfo.conninfo_to_dict("postgresql://" + rest)
     except psycopg.Error:
         return "PostgreSQL (malformed URL)"
-    user = params.get("user")
+    user = str(params.get("user") or "")
     host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or ""
     return f"PostgreSQL postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
 
@@ -104,7 +104,7 @@ class PostgresConnections(SQLStore):
         if isinstance(exc, psycopg.OperationalError) and conn is not None:
             return self._lost(conn, exc)
         if _rolled_back(exc):
-            return StoreError(f"PostgreSQL at {self.host} rolled the transaction back ({exc.sqlstate}): {exc}")
+            return StoreError(f"PostgreSQL at {self.host} rolled the transaction back ({getattr(exc, 'sqlstate', '')}): {exc}")
         return StoreError(f"PostgreSQL at {self.host}: {type(exc).__name__}: {exc}")
 
     def _lost(self, conn: psycopg.Connection[Any], exc: BaseException) -> StoreError:
@@ -125,6 +125,13 @@ class PostgresConnections(SQLStore):
             raise self._lost(conn, exc) from exc
 
     _run = _execute  # the name tests and benchmarks use
+
+    def _one(self, sql: str, args: Any = None) -> tuple[Any, ...]:
+        """The one row a statement returns (an aggregate, a RETURNING of one row)."""
+        row = self._execute(sql, args).fetchone()
+        if row is None:
+            raise StoreError(f"PostgreSQL at {self.host} returned no row for a statement that always returns one")
+        return tuple(row)
 
     def _execute_on(self, conn: Any, sql: str, args: Any) -> Any:
         return conn.cursor(row_factory=tuple_row).execute(sql, args)  # a caller's may have another row factory
@@ -191,7 +198,7 @@ class PostgresConnections(SQLStore):
         plans without waiting for autovacuum. A small sample is plenty for the few columns the plans
         depend on and keeps this to a few milliseconds. SKIP_LOCKED: if autovacuum or another
         submitter is analyzing right now, theirs will do."""
-        known = self._execute(q.KNOWN_ROWS).fetchone()[0]
+        known = self._one(q.KNOWN_ROWS)[0]
         if self._local.submitted < max(0.0, known) / 5:
             return
         with self.transaction():
@@ -234,9 +241,9 @@ class PostgresConnections(SQLStore):
         healthy = False
         try:
             async with conn.transaction():
-                conn.conveyor_notify = set()  # type: ignore[attr-defined]
+                conn.conveyor_notify = set()  # type: ignore[union-attr]
                 yield conn
-                for queue in sorted(conn.conveyor_notify):  # type: ignore[attr-defined]
+                for queue in sorted(conn.conveyor_notify):  # type: ignore[union-attr]
                     await conn.execute("SELECT pg_notify(%s, %s)", (q.CHANNEL, queue))
             healthy = True
         except psycopg.OperationalError as exc:

@@ -13,8 +13,9 @@ import functools
 import inspect
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from ..errors import ConveyorError, ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, Token
@@ -36,7 +37,7 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Store method so a driver error leaves it as StoreError, never as the driver's own."""
     if inspect.iscoroutinefunction(method):
         @functools.wraps(method)
-        async def async_wrapper(self: "SQLStore", *args: Any, **kwargs: Any) -> Any:
+        async def async_wrapper(self: SQLStore, *args: Any, **kwargs: Any) -> Any:
             try:
                 return await method(self, *args, **kwargs)
             except self.driver_error as exc:
@@ -45,7 +46,7 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
         return async_wrapper
 
     @functools.wraps(method)
-    def wrapper(self: "SQLStore", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: SQLStore, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except self.driver_error as exc:
@@ -332,6 +333,7 @@ class SQLStore:
         """One queue's rows of a list_items page (up to `limit` of each part; the caller merges)."""
         raise NotImplementedError
 
+    def _callers(self, conn: Any) -> Any:
         """A caller's connection, checked to be the driver's and on this store's database."""
         raise NotImplementedError
 

@@ -16,7 +16,8 @@ import os
 import sqlite3
 import time
 import weakref
-from typing import Any, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import orjson
@@ -83,7 +84,7 @@ def sqlite_options(url: str) -> dict[str, bool]:
 # saturated (measured, a 4 s saturated drain: their longest wait 1.0-2.9 s, against 0.2-0.3 s with
 # the queue off). `?writer_queue=off` on the URL turns the queue off for a store.
 _WRITE_QUEUE_SUFFIX = "-conveyor-lock"
-_queue_files: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_queue_files: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _close_inherited_queue_files() -> None:

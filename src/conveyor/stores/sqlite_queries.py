@@ -98,16 +98,16 @@ CLAIM = _CLAIM_SET.format(candidates="""
 # of a subquery per blocked pending item. Items without a key are independent, claimed like any
 # queue's (that branch scans the pending index, filtering on the key column it carries).
 _KEYED = "INDEXED BY conveyor_items_keyed WHERE queue = ?6 AND key IS NOT NULL AND state IN ('pending', 'in_progress')"
-CLAIM_ORDERED = """
+CLAIM_ORDERED = f"""
 WITH RECURSIVE keys(k) AS (
-     SELECT (SELECT key FROM conveyor_items {keyed} ORDER BY key LIMIT 1)
+     SELECT (SELECT key FROM conveyor_items {_KEYED} ORDER BY key LIMIT 1)
      UNION ALL
-     SELECT (SELECT key FROM conveyor_items {keyed} AND key > keys.k ORDER BY key LIMIT 1)
+     SELECT (SELECT key FROM conveyor_items {_KEYED} AND key > keys.k ORDER BY key LIMIT 1)
        FROM keys WHERE keys.k IS NOT NULL),
 heads(id) AS (
-     SELECT (SELECT id FROM conveyor_items {keyed} AND key = keys.k ORDER BY id LIMIT 1)
+     SELECT (SELECT id FROM conveyor_items {_KEYED} AND key = keys.k ORDER BY id LIMIT 1)
        FROM keys WHERE keys.k IS NOT NULL)
-""".format(keyed=_KEYED) + _CLAIM_SET.format(candidates="""
+""" + _CLAIM_SET.format(candidates="""
        SELECT id FROM (
            SELECT c.id, c.priority, c.run_at FROM heads JOIN conveyor_items AS c ON c.id = heads.id
             WHERE c.state = 'pending' AND c.run_at <= ?2
@@ -166,7 +166,8 @@ RETRY = f"""
        finished_at = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN ?2 END,
        run_at = ?2 + b.b2, last_error = b.b3, rescued = 0, updated_at = ?2, {_SETTLE_CLEAR}
   {_BATCH} {_FENCE}"""
-FAIL = f"{_SETTLE} state = 'dead', finished_at = ?2, updated_at = ?2, last_error = b.b2, rescued = 0, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+FAIL = (f"{_SETTLE} state = 'dead', finished_at = ?2, updated_at = ?2, last_error = b.b2, rescued = 0, {_SETTLE_CLEAR} "
+        f"{_BATCH} {_FENCE}")
 RELEASE = f"{_SETTLE} state = 'pending', attempts = max(attempts - 1, 0), updated_at = ?2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
 EXTEND_LEASES = f"{_SETTLE} lease_expires_at = ?2 {_BATCH} {_FENCE}"
 
