@@ -346,6 +346,8 @@ RECENT = """SELECT count(*) FROM conveyor_items
  WHERE queue = %s AND state = 'resolved' AND finished_at >= statement_timestamp() - interval '1 minute'"""
 
 # -- operators ----------------------------------------------------------------------------------
+# [ids]: the items with these ids, in no particular order
+GET_MANY = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ANY(%s::bigint[])"
 GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = %s"
 FIND_DEDUP = "SELECT id FROM conveyor_items WHERE queue = %s AND dedup_key = %s"
 # [queues]: does any of them hold pending or in-progress items (the two partial indexes answer)

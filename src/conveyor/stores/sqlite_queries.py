@@ -164,6 +164,8 @@ UPDATE conveyor_items
 RETURNING id, state"""
 
 # -- operators ----------------------------------------------------------------------------------
+# [ids as a JSON array]: the items with these ids, in no particular order
+GET_MANY = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id IN (SELECT value FROM json_each(?))"
 GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ?"
 FIND_DEDUP = "SELECT id FROM conveyor_items WHERE queue = ? AND dedup_key = ?"
 # [queues as a JSON array]: does any of them hold pending or in-progress items (the claim and
