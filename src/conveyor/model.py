@@ -28,6 +28,19 @@ STATES: tuple[str, ...] = tuple(s.value for s in State)
 FINISHED_STATES: tuple[str, ...] = ("resolved", "dead", "cancelled")
 
 
+def error_headline(error: str | None) -> str:
+    """The line of an item's last_error that says what went wrong: in a traceback, the exception's
+    first line (the one after the last frame's indented lines), otherwise the first line."""
+    lines = [line for line in (error or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("Traceback (most recent call last)"):
+        frames = [n for n, line in enumerate(lines) if line[:1].isspace()]
+        if frames and frames[-1] + 1 < len(lines):
+            return lines[frames[-1] + 1].strip()
+    return lines[0].strip()
+
+
 @dataclass(slots=True)
 class Item:
     """One record to process. `attempts` is 1 on the first run."""
