@@ -1013,24 +1013,38 @@ def test_a_transactional_run_cancelled_while_running_says_its_writes_were_rolled
 
 
 def test_a_lost_lease_is_still_reported_as_one(app, caplog):
+    from conveyor.model import Claim
+
     caplog.set_level(logging.INFO, logger="conveyor")
     runs = []
+    peer = []
 
     @app.processor("q", max_attempts=3)
     def handle(item):
         runs.append(item.attempts)
-        if item.attempts == 1:  # as if this worker stalled: the lease runs out and a rescue takes the item
+        # as if this worker stalled: its lease runs out, a rescue takes the item and a peer claims
+        # it, all in one transaction, so this worker cannot claim it back in between
+        with app.store.transaction():
             assert app.store.extend_leases([(item.id, item.claim_token)], -60) == []
-            app.store.rescue_expired()  # or the worker's keeper did, a moment before
-            wait_until(lambda: app.get(item.id).state != State.IN_PROGRESS or app.get(item.id).attempts > 1,
-                       what="the rescue")
+            app.store.rescue_expired()
+            peer.extend(app.store.claim(Claim("q", 1, 30, 3), "peer-worker"))
 
     a = app.submit("q", 1)
-    counts = drain(app)
-    assert runs == [1, 2] and app.get(a).state == State.RESOLVED
-    assert counts["lost"] == 1 and counts["resolved"] == 1, counts
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        said = f"lease lost on item(s) {a} "
+        wait_until(lambda: [m for m in messages(caplog, logging.WARNING) if m.startswith(said)], 15,
+                   what="the refused result to be reported")
+    finally:
+        wait_until(lambda: peer or w.error or not w.thread.is_alive(), what="the peer's claim")
+        if peer:
+            assert app.store.resolve([(a, peer[0].claim_token)]) == []  # the peer finishes: the queue is empty
+    counts = w.join()
+    assert runs == [1] and [it.id for it in peer] == [a] and app.get(a).state == State.RESOLVED
+    assert counts["lost"] == 1 and counts["resolved"] == 0, counts
     lost = [m for m in messages(caplog, logging.WARNING) if m.startswith(f"lease lost on item(s) {a} ")]
-    assert lost and "its result was dropped" in lost[0], messages(caplog, logging.WARNING)
+    assert lost == [f"lease lost on item(s) {a} (it expired and the item was rescued; another worker may hold it "
+                    "now): its result was dropped"], lost
     assert not [m for m in messages(caplog, logging.INFO) if "cancelled" in m]
 
 

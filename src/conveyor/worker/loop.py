@@ -81,6 +81,7 @@ class Worker:
         self._solo: tuple[Lane, Item] | None = None  # a suspect running alone
         #: the dying items of a cycle whose settle failed (its outcomes go back; the lanes forgot them)
         self._unsettled_dying: dict[int, tuple[Lane, Item, str]] = {}
+        self._unsettled_stale: set[tuple[int, int]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
@@ -124,33 +125,57 @@ class Worker:
         """Settle outcomes, then claim what the freed capacity allows, atomically (one statement
         on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
         dying: dict[int, tuple[Lane, Item, str]] = {}
+        stale: set[tuple[int, int]] = set()
+        entries = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
         if out:
             dying = self._dying(out)
-            settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+            stale = self._stale(entries)
             for lane in self.lanes.values():
-                if lane.inflight and lane.settled(settled) and lane.opts.ordered:
+                if lane.inflight and lane.settled(entries) and lane.opts.ordered:
                     lane.dry = False  # settling may unblock the next item of a key: claim again
         wants = self._wants()
         claims = [lane.claim if n == lane.claim.limit else Claim(
             lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
             for lane, n in wants]
-        self._unsettled_dying = dying
+        self._unsettled_dying, self._unsettled_stale = dying, stale
         lost, batches = self.store.settle_and_claim(out, claims, self.name)
-        self._unsettled_dying = {}
+        self._unsettled_dying, self._unsettled_stale = {}, set()
+        # the store names refused items by id; where one cycle settles two runs of an item (rescued,
+        # then claimed again here while its old run finished), the old run's is the refused one
         lost_set = set(lost)
-        for key, entries in (("resolved", out.resolved), ("released", out.released)):
-            self.outcomes.count(key, sum(1 for e in entries if e[0] not in lost_set))
-        dead = [entry for i, entry in dying.items() if i not in lost_set]
-        self.outcomes.count("retried", sum(1 for e in out.retried if e[0] not in lost_set and e[0] not in dying))
-        failed = sum(1 for e in out.failed if e[0] not in lost_set and e[0] not in dying)
-        self.outcomes.count("dead", len(dead) + failed)
+        refused = {(e[0], e[1]) for e in entries if e[0] in lost_set} | stale
+
+        def kept(part: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+            return [e for e in part if (e[0], e[1]) not in refused]
+
+        def last_run(e: Sequence[Any]) -> bool:
+            return e[0] in dying and dying[e[0]][1].claim_token == e[1]
+
+        dead = [entry for i, entry in dying.items() if (i, entry[1].claim_token) not in refused]
+        self.outcomes.count("resolved", len(kept(out.resolved)))
+        self.outcomes.count("released", len(kept(out.released)))
+        self.outcomes.count("retried", sum(1 for e in kept(out.retried) if not last_run(e)))
+        self.outcomes.count("dead", len(dead) + sum(1 for e in kept(out.failed) if not last_run(e)))
         for lane, item, error in dead:
             log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, lane.opts.queue, item.attempts,
                         item.max_attempts or lane.opts.max_attempts, error_headline(error))
-        if lost:
-            self.outcomes.count("lost", len(lost))
-            report_refused(self.store, lost, "its result was dropped")
+        if refused:
+            self.outcomes.count("lost", len(refused))
+            report_refused(self.store, list(dict.fromkeys(i for i, _ in sorted(refused))), "its result was dropped")
         return [(lane, n, items) for (lane, n), items in zip(wants, batches)]
+
+    def _stale(self, entries: Sequence[Sequence[Any]]) -> set[tuple[int, int]]:
+        """Outcomes of an old run of an item this worker has claimed again since (it was rescued
+        meanwhile), as (id, token): the store refuses them, but would name them only by id."""
+        stale = set()
+        for lane in self.lanes.values():
+            with lane.lock:
+                for e in entries:
+                    item = lane.inflight.get(e[0])
+                    if item is not None and item.claim_token != e[1]:
+                        stale.add((e[0], e[1]))
+        # a failed cycle's outcomes, back again: the lanes forgot the newer claims they settled
+        return stale | {(e[0], e[1]) for e in entries if (e[0], e[1]) in self._unsettled_stale}
 
     def _dying(self, out: Outcomes) -> dict[int, tuple[Lane, Item, str]]:
         """The outcomes that send their item to dead (a Fail, or a retry of its last attempt, by
