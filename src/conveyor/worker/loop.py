@@ -356,7 +356,7 @@ class Worker:
         """Shutdown timed out, or was forced: the items still running count their attempt and go
         back for a retry (dead if that was their last)."""
         forced = self.state.forced
-        why = ("a forced stop" if forced else f"shut down after {self.shutdown_timeout:g}s") + \
+        why = ("shut down by a forced stop" if forced else f"shut down after {self.shutdown_timeout:g}s") + \
             " while the handler was still running"
         entries = [(i, t, 0.0, f"worker {self.name}: {why}") for lane in self.lanes.values() for i, t in lane.tokens()]
         head = "forced stop" if forced else f"shutdown timeout ({self.shutdown_timeout:g}s)"
