@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 import uuid
@@ -860,3 +861,242 @@ def test_items_carry_their_fields_to_the_handler(app):
     assert (item.id, item.queue, item.payload, item.key, item.dedup_key, item.priority, item.attempts) == (
         a, "q", {"x": 1}, "k", "d", 3, 1)
     assert item.created_at is not None and item.lease_owner is not None
+
+
+# -- what the worker says ---------------------------------------------------------------------
+
+def messages(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in list(caplog.records) if r.name.startswith("conveyor") and r.levelno == level]
+
+
+def test_every_item_that_goes_dead_is_logged_and_counted_apart_from_retries(app, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
+
+    @app.processor("q", max_attempts=2, **FAST)
+    def handle(item):
+        if item.payload == "fail":
+            raise Fail("customer gone\nthe details below")
+        raise ValueError(f"boom on {item.id}\nsecond line")
+
+    raising = app.submit("q", "raise")
+    failing = app.submit("q", "fail")
+    counts = drain(app)
+    assert app.get(raising).state == app.get(failing).state == State.DEAD
+    warnings = messages(caplog, logging.WARNING)
+    assert f"item {raising} of 'q' is dead after attempt 2/2: ValueError: boom on {raising}" in warnings, warnings
+    assert f"item {failing} of 'q' is dead after attempt 1/2: Fail: customer gone" in warnings, warnings
+    assert sum("is dead" in m for m in warnings) == 2  # each once, none for the first, retried attempt
+    assert counts["dead"] == 2 and counts["retried"] == 1, counts
+
+
+def test_fail_and_retry_outcomes_are_logged_at_debug(app, caplog):
+    caplog.set_level(logging.DEBUG, logger="conveyor")
+
+    @app.processor("q", max_attempts=3)
+    def handle(item):
+        if item.attempts == 1:
+            raise Retry(delay=0, reason="supplier busy")
+        raise Fail("supplier refused")
+
+    a = app.submit("q", 1)
+    counts = drain(app)
+    debug = messages(caplog, logging.DEBUG)
+    assert any(f"retry of item {a} (attempt 1/3) in 0s: supplier busy" in m for m in debug), debug
+    assert any(f"failed item {a} (attempt 2): supplier refused" in m for m in debug), debug
+    assert not any("supplier busy" in m for m in messages(caplog, logging.WARNING))
+    assert counts["retried"] == 1 and counts["dead"] == 1, counts
+
+
+def test_an_item_rescued_past_its_attempts_is_logged_as_dead(app, caplog):
+    from conveyor.model import Claim
+
+    caplog.set_level(logging.INFO, logger="conveyor")
+
+    @app.processor("q", lease_seconds=0.3, max_attempts=1)
+    def handle(item):
+        raise AssertionError("a dead item is never handled")
+
+    a = app.submit("q", 1)
+    app.store.claim(Claim("q", 1, 0.3, 1), "crashed-worker")  # its only attempt, never finished
+    counts = drain(app, timeout=30)
+    assert app.get(a).state == State.DEAD and counts["rescued"] == 1
+    dead = [m for m in messages(caplog, logging.WARNING) if "is dead" in m]
+    assert dead == [f"item {a} of 'q' is dead after attempt 1/1: lease expired: worker crashed-worker "
+                    "stopped heartbeating during attempt 1 (it crashed, was killed, or lost the database)"], dead
+
+
+def test_cancelling_a_running_item_is_reported_as_a_cancel(app, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    @app.processor("q")
+    def handle(item):
+        started.set()
+        assert cancelled.wait(10)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        assert started.wait(10)
+        app.cancel(a)
+    finally:
+        cancelled.set()
+    counts = w.join()
+    assert counts["lost"] == 1 and counts["resolved"] == 0
+    assert f"item(s) {a} cancelled while running; its result was dropped" in messages(caplog, logging.INFO)
+    assert not [m for m in messages(caplog, logging.WARNING) if "lease lost" in m or "another worker" in m]
+
+
+def test_the_heartbeat_tells_a_cancel_from_a_lost_lease_and_says_it_once(app, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
+    started = threading.Event()
+    done = threading.Event()
+
+    @app.processor("q", lease_seconds=LEASE)
+    def handle(item):
+        started.set()
+        assert done.wait(30)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, stop_when_empty=True)
+    keeper = w.worker.keeper
+    beats = []
+    real_beat = keeper.beat
+
+    def beat():
+        real_beat()
+        beats.append(time.monotonic())
+
+    keeper.beat = beat
+    w.start()
+    said = f"heartbeat: item(s) {a} of 'q' cancelled while running; their results will be dropped"
+    try:
+        assert started.wait(10)
+        app.cancel(a)
+        wait_until(lambda: said in messages(caplog, logging.INFO), 15, what="the heartbeat to notice the cancel")
+        seen = len(beats)
+        wait_until(lambda: len(beats) >= seen + 2, what="two more heartbeats")
+    finally:
+        done.set()
+    counts = w.join()
+    assert counts["lost"] == 1
+    assert messages(caplog, logging.INFO).count(said) == 1
+    assert not [m for m in messages(caplog, logging.WARNING) if "lease lost" in m]
+
+
+def test_a_transactional_run_cancelled_while_running_says_its_writes_were_rolled_back(app, effects, caplog):
+    if app.url.startswith("sqlite"):
+        pytest.skip("on SQLite a transactional handler holds the write lock: nothing can cancel its item meanwhile")
+    caplog.set_level(logging.INFO, logger="conveyor")
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    @app.processor("q", transactional=True)
+    def handle(item, conn):
+        conn.execute(effects.insert, (item.id, item.attempts))
+        started.set()
+        assert cancelled.wait(10)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        assert started.wait(10)
+        app.cancel(a)
+    finally:
+        cancelled.set()
+    w.join()
+    assert effects.rows() == []
+    assert (f"item(s) {a} cancelled while running; the handler's writes were rolled back"
+            in messages(caplog, logging.INFO))
+    assert not [m for m in messages(caplog, logging.WARNING) if "lease lost" in m]
+
+
+def test_a_lost_lease_is_still_reported_as_one(app, caplog):
+    from conveyor.model import Claim
+
+    caplog.set_level(logging.INFO, logger="conveyor")
+    runs = []
+    peer = []
+
+    @app.processor("q", max_attempts=3)
+    def handle(item):
+        runs.append(item.attempts)
+        # as if this worker stalled: its lease runs out, a rescue takes the item and a peer claims
+        # it, all in one transaction, so this worker cannot claim it back in between
+        with app.store.transaction():
+            assert app.store.extend_leases([(item.id, item.claim_token)], -60) == []
+            app.store.rescue_expired()
+            peer.extend(app.store.claim(Claim("q", 1, 30, 3), "peer-worker"))
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, stop_when_empty=True).start()
+    try:
+        said = f"lease lost on item(s) {a} "
+        wait_until(lambda: [m for m in messages(caplog, logging.WARNING) if m.startswith(said)], 15,
+                   what="the refused result to be reported")
+    finally:
+        wait_until(lambda: peer or w.error or not w.thread.is_alive(), what="the peer's claim")
+        if peer:
+            assert app.store.resolve([(a, peer[0].claim_token)]) == []  # the peer finishes: the queue is empty
+    counts = w.join()
+    assert runs == [1] and [it.id for it in peer] == [a] and app.get(a).state == State.RESOLVED
+    assert counts["lost"] == 1 and counts["resolved"] == 0, counts
+    lost = [m for m in messages(caplog, logging.WARNING) if m.startswith(f"lease lost on item(s) {a} ")]
+    assert lost == [f"lease lost on item(s) {a} (it expired and the item was rescued; another worker may hold it "
+                    "now): its result was dropped"], lost
+    assert not [m for m in messages(caplog, logging.INFO) if "cancelled" in m]
+
+
+def test_a_forced_stop_says_what_it_abandoned(app, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.processor("q", concurrency=1, max_attempts=3)
+    def handle(item):
+        started.set()
+        release.wait(30)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app).start()
+    try:
+        assert started.wait(10)
+        w.worker.stop()  # the first signal: finish what runs ...
+        w.worker.stop(force=True)  # ... the second: stop now
+        counts = w.join()
+    finally:
+        release.set()
+    item = app.get(a)
+    assert item.state == State.PENDING and item.attempts == 1 and "forced stop" in item.last_error
+    assert (f"forced stop: abandoned 1 running item(s) ({a}): sent back to pending for a retry, their attempt spent"
+            in messages(caplog, logging.WARNING)), messages(caplog, logging.WARNING)
+    assert counts["retried"] == 1, counts
+
+
+def test_a_shutdown_timeout_says_what_it_abandoned_and_kills_a_last_attempt(app, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.processor("q", concurrency=1, max_attempts=1)
+    def handle(item):
+        started.set()
+        release.wait(30)
+
+    a = app.submit("q", 1)
+    w = WorkerThread(app, shutdown_timeout=0.2).start()
+    try:
+        assert started.wait(10)
+        w.worker.stop()  # the handler outlives the shutdown timeout
+        counts = w.join()
+    finally:
+        release.set()
+    item = app.get(a)
+    assert item.state == State.DEAD and "shut down after 0.2s" in item.last_error, item
+    warnings = messages(caplog, logging.WARNING)
+    assert (f"shutdown timeout (0.2s): abandoned 1 running item(s) ({a}), their attempt spent: 0 sent back to "
+            "pending for a retry, 1 dead (it was their last)" in warnings), warnings
+    assert f"item {a} of 'q' is dead after attempt 1/1: worker {w.worker.name}: shut down after 0.2s while the " \
+           "handler was still running" in warnings, warnings
+    assert counts["dead"] == 1 and counts["retried"] == 0, counts

@@ -155,11 +155,12 @@ def store_with_table_dropped(store_url):
             conn.execute("DROP TABLE IF EXISTS conveyor_migrations")
 
 
-@pytest.mark.parametrize("call", ["get", "stats", "submit", "cancel", "requeue", "has_work", "rescue"])
+@pytest.mark.parametrize("call", ["get", "get_many", "stats", "submit", "cancel", "requeue", "has_work", "rescue"])
 def test_every_driver_error_is_a_conveyor_error(store_with_table_dropped, call):
     app = store_with_table_dropped
     calls = {
         "get": lambda: app.get(1),
+        "get_many": lambda: app.store.get_many([1]),
         "stats": lambda: app.stats(),
         "submit": lambda: app.submit("q", 2),
         "cancel": lambda: app.cancel(1),

@@ -10,7 +10,7 @@ from conveyor.stores.base import Store
 #: what each dialect's queries module must name (each backend may hold more of its own)
 SHARED = {
     "MIGRATIONS", "CLAIM", "CLAIM_ORDERED", "INSERT", "RESOLVE", "RETRY", "FAIL", "RELEASE", "EXTEND_LEASES",
-    "RESCUE", "GET", "FIND_DEDUP", "HAS_WORK", "CANCEL_SELECT", "CANCEL", "REQUEUE", "REQUEUE_IDS", "PURGE",
+    "RESCUE", "GET", "GET_MANY", "FIND_DEDUP", "HAS_WORK", "CANCEL_SELECT", "CANCEL", "REQUEUE", "REQUEUE_IDS", "PURGE",
     "COUNTS", "OLDEST", "RECENT", "CREATE_MIGRATIONS", "MIGRATIONS_DONE", "RECORD_MIGRATION",
     "HAS_MIGRATIONS_TABLE", "HAS_ITEMS_TABLE", "ANALYZE_AFTER_MIGRATION",
 }

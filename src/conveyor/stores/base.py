@@ -80,6 +80,9 @@ class Store(Protocol):
         the reason kept in last_error. Returns (id, new state) of each rescued item."""
 
     # -- operators ------------------------------------------------------------------------------
+    def get_many(self, item_ids: Sequence[int]) -> list[Item]:
+        """The items with these ids that exist, in the order asked (each once), in one query."""
+
     def get(self, item_id: int) -> Item:
         """The item with this id, or ItemNotFound."""
 

@@ -363,6 +363,8 @@ RECENT = """SELECT count(*) FROM conveyor_items
  WHERE queue = %s AND state = 'resolved' AND finished_at >= statement_timestamp() - interval '1 minute'"""
 
 # -- operators ----------------------------------------------------------------------------------
+# [ids]: the items with these ids, in no particular order
+GET_MANY = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ANY(%s::bigint[])"
 GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = %s"
 
 # list_items: newest first, a page costing O(limit · log n) however many items the table holds.

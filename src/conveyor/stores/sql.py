@@ -28,7 +28,7 @@ _FORK_ORPHANS: list[Any] = []
 #: Store methods whose driver errors become StoreError (see SQLStore.__init_subclass__)
 TRANSLATED = (
     "migrate", "submit_many", "submit_payloads", "find_dedup", "claim", "resolve", "retry", "fail", "release",
-    "settle_and_claim", "extend_leases", "rescue_expired", "get", "stats", "has_work", "cancel", "requeue",
+    "settle_and_claim", "extend_leases", "rescue_expired", "get", "get_many", "stats", "has_work", "cancel", "requeue",
     "purge", "wait_for_change", "list_items", "resolve_in",
 )
 
@@ -308,6 +308,12 @@ class SQLStore:
         return self._fenced(self.queries.EXTEND_LEASES, tokens, lease=float(lease_seconds))
 
     # -- operators ----------------------------------------------------------------------------
+    def get_many(self, item_ids: Sequence[int]) -> list[Item]:
+        if not item_ids:
+            return []
+        found = {row[0]: row for row in self._execute(self.queries.GET_MANY, (self._id_list(item_ids),))}
+        return [row_to_item(found[i]) for i in dict.fromkeys(item_ids) if i in found]
+
     def get(self, item_id: int) -> Item:
         row = self._execute(self.queries.GET, (item_id,)).fetchone()
         if row is None:

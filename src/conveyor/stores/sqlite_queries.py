@@ -184,6 +184,8 @@ UPDATE conveyor_items
 RETURNING id, state"""
 
 # -- operators ----------------------------------------------------------------------------------
+# [ids as a JSON array]: the items with these ids, in no particular order
+GET_MANY = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id IN (SELECT value FROM json_each(?))"
 GET = f"SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id = ?"
 
 # list_items: newest first, each part read from an index in id order and stopped at :limit, so a

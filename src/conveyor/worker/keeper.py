@@ -19,9 +19,11 @@ import time
 from typing import Callable, Sequence
 
 from ..errors import StoreError
+from ..model import error_headline
 from ..stores.base import Store
 from .lanes import Lane
-from .outcomes import OutcomeBuffer, RunState
+from .outcomes import OutcomeBuffer, RunState, some
+from .runner import cancelled_among
 
 log = logging.getLogger("conveyor.worker")
 
@@ -123,9 +125,21 @@ class Keeper(_Service):
             with lane.lock:
                 lost = [(i, asked[i]) for i in refused
                         if i in lane.inflight and lane.inflight[i].claim_token == asked[i]]
+                news = [i for i, t in lost if (i, t) not in lane.lost]  # each said once, not every beat
                 lane.lost.update(lost)
-            if lost:
-                log.warning("heartbeat: lease lost on item(s) %s of %r", [i for i, _ in lost][:20], lane.opts.queue)
+            if news:
+                self.refused(lane, news)
+
+    def refused(self, lane: Lane, item_ids: list[int]) -> None:
+        """The heartbeat found items this worker holds no longer leased to it: cancelled by an
+        operator (their results will be dropped), or lost (rescued after their lease expired)."""
+        cancelled = cancelled_among(self.store, item_ids)
+        if cancelled:
+            log.info("heartbeat: item(s) %s of %r cancelled while running; their results will be dropped",
+                     some([i for i in item_ids if i in cancelled]), lane.opts.queue)
+        lost = [i for i in item_ids if i not in cancelled]
+        if lost:
+            log.warning("heartbeat: lease lost on item(s) %s of %r", some(lost), lane.opts.queue)
 
     def rescue(self) -> None:
         rescued = self.store.rescue_expired()
@@ -133,9 +147,20 @@ class Keeper(_Service):
             self.outcomes.count("rescued", len(rescued))
             dead = [i for i, s in rescued if s == "dead"]
             log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), len(dead))
-            if dead:
-                log.warning("item(s) %s dead: their lease expired on the last attempt", dead[:20])
             self.rescued.set()
+            if dead:
+                self.report_dead(dead)
+
+    def report_dead(self, item_ids: list[int]) -> None:
+        """One line per item a rescue sent to dead: its lease expired during its last attempt."""
+        try:
+            items = self.store.get_many(item_ids)
+        except StoreError as exc:  # the rescue is done: say what is known
+            log.warning("item(s) %s dead: their lease expired on the last attempt (%s)", some(item_ids), exc)
+            return
+        for item in items:
+            log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, item.queue, item.attempts,
+                        item.max_attempts, error_headline(item.last_error))
 
     def prune(self) -> None:
         """Keep the hot table small: delete the queues' finished items older than prune_after."""

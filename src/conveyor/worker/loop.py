@@ -27,12 +27,12 @@ import uuid
 from typing import Any, Sequence
 
 from ..errors import StoreError, UsageError
-from ..model import Claim, Item, Outcomes, Processor
+from ..model import Claim, Item, Outcomes, Processor, error_headline
 from ..stores.base import Store
 from .keeper import Keeper, Watchdog
 from .lanes import IDLE_MAX, Lane
-from .outcomes import OutcomeBuffer, RunState
-from .runner import Runner
+from .outcomes import OutcomeBuffer, RunState, some
+from .runner import Runner, report_refused
 
 log = logging.getLogger("conveyor.worker")
 
@@ -79,6 +79,9 @@ class Worker:
         self.runner = Runner(store, self.outcomes, self.wake, self.state)
         self.lanes = {p.queue: Lane(p, self.runner, self.outcomes, self.state) for p in processors}
         self._solo: tuple[Lane, Item] | None = None  # a suspect running alone
+        #: the dying items of a cycle whose settle failed (its outcomes go back; the lanes forgot them)
+        self._unsettled_dying: dict[int, tuple[Lane, Item, str]] = {}
+        self._unsettled_stale: set[tuple[int, int]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         min_lease = min(lane.opts.lease_seconds for lane in self.lanes.values())
@@ -121,25 +124,79 @@ class Worker:
     def _cycle(self, out: Outcomes) -> list[tuple[Lane, int, list[Item]]]:
         """Settle outcomes, then claim what the freed capacity allows, atomically (one statement
         on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
+        dying: dict[int, tuple[Lane, Item, str]] = {}
+        stale: set[tuple[int, int]] = set()
+        entries = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
         if out:
-            settled = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+            dying = self._dying(out)
+            stale = self._stale(entries)
             for lane in self.lanes.values():
-                if lane.inflight and lane.settled(settled) and lane.opts.ordered:
+                if lane.inflight and lane.settled(entries) and lane.opts.ordered:
                     lane.dry = False  # settling may unblock the next item of a key: claim again
         wants = self._wants()
         claims = [lane.claim if n == lane.claim.limit else Claim(
             lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
             for lane, n in wants]
+        self._unsettled_dying, self._unsettled_stale = dying, stale
         lost, batches = self.store.settle_and_claim(out, claims, self.name)
+        self._unsettled_dying, self._unsettled_stale = {}, set()
+        # the store names refused items by id; where one cycle settles two runs of an item (rescued,
+        # then claimed again here while its old run finished), the old run's is the refused one
         lost_set = set(lost)
-        for key, entries in (("resolved", out.resolved), ("retried", out.retried),
-                             ("dead", out.failed), ("released", out.released)):
-            self.outcomes.count(key, sum(1 for e in entries if e[0] not in lost_set))
-        if lost:
-            self.outcomes.count("lost", len(lost))
-            log.warning("lease lost on item(s) %s: their results were refused (another worker holds them now)",
-                        ", ".join(map(str, sorted(lost)[:20])))
+        refused = {(e[0], e[1]) for e in entries if e[0] in lost_set} | stale
+
+        def kept(part: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+            return [e for e in part if (e[0], e[1]) not in refused]
+
+        def last_run(e: Sequence[Any]) -> bool:
+            return e[0] in dying and dying[e[0]][1].claim_token == e[1]
+
+        dead = [entry for i, entry in dying.items() if (i, entry[1].claim_token) not in refused]
+        self.outcomes.count("resolved", len(kept(out.resolved)))
+        self.outcomes.count("released", len(kept(out.released)))
+        self.outcomes.count("retried", sum(1 for e in kept(out.retried) if not last_run(e)))
+        self.outcomes.count("dead", len(dead) + sum(1 for e in kept(out.failed) if not last_run(e)))
+        for lane, item, error in dead:
+            log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, lane.opts.queue, item.attempts,
+                        item.max_attempts or lane.opts.max_attempts, error_headline(error))
+        if refused:
+            self.outcomes.count("lost", len(refused))
+            report_refused(self.store, list(dict.fromkeys(i for i, _ in sorted(refused))), "its result was dropped")
         return [(lane, n, items) for (lane, n), items in zip(wants, batches)]
+
+    def _stale(self, entries: Sequence[Sequence[Any]]) -> set[tuple[int, int]]:
+        """Outcomes of an old run of an item this worker has claimed again since (it was rescued
+        meanwhile), as (id, token): the store refuses them, but would name them only by id."""
+        stale = set()
+        for lane in self.lanes.values():
+            with lane.lock:
+                for e in entries:
+                    item = lane.inflight.get(e[0])
+                    if item is not None and item.claim_token != e[1]:
+                        stale.add((e[0], e[1]))
+        # a failed cycle's outcomes, back again: the lanes forgot the newer claims they settled
+        return stale | {(e[0], e[1]) for e in entries if (e[0], e[1]) in self._unsettled_stale}
+
+    def _dying(self, out: Outcomes) -> dict[int, tuple[Lane, Item, str]]:
+        """The outcomes that send their item to dead (a Fail, or a retry of its last attempt, by
+        the store's own rule), by id, with the item and the error; read before settling forgets them."""
+        if not out.failed and not out.retried:
+            return {}
+        failed = {e[0] for e in out.failed}
+        final = [(i, t, error) for i, t, error in out.failed] + [(i, t, error) for i, t, _, error in out.retried]
+        dying = {}
+        for lane in self.lanes.values():
+            with lane.lock:
+                for i, t, error in final:
+                    item = lane.inflight.get(i)
+                    if item is not None and item.claim_token == t and (
+                            i in failed or item.attempts >= (item.max_attempts or 1)):
+                        dying[i] = (lane, item, error)
+        for i, t, _ in final:  # a failed cycle's outcomes, back again: the lanes forgot their items
+            known = self._unsettled_dying.get(i)
+            if i not in dying and known is not None and known[1].claim_token == t:
+                dying[i] = known
+        return dying
 
     def _inflight_total(self) -> int:
         return sum(len(lane.inflight) for lane in self.lanes.values())
@@ -193,7 +250,9 @@ class Worker:
                 pause = min(5.0, 0.05 * 2 ** min(trouble, 10))
                 log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause, exc)
                 if self.state.stopping and (self.state.forced or deadline is not None and time.monotonic() > deadline):
-                    log.warning("giving up at shutdown: unsettled items will be rescued when their leases expire")
+                    log.warning("giving up at shutdown: %d item(s) held and %d result(s) unsettled; they will be "
+                                "retried once their leases expire (within %gs)", self._inflight_total(),
+                                self.outcomes.waiting()[0], self._longest_lease())
                     return
                 self.wake.wait(pause)
                 self.wake.clear()
@@ -294,15 +353,36 @@ class Worker:
         self.wake.clear()
 
     def _abandon_running(self) -> None:
-        """Shutdown timed out: the items still running count their attempt and go back for a retry."""
-        entries = []
-        for lane in self.lanes.values():
-            for i, t in lane.tokens():
-                entries.append((i, t, 0.0, f"worker {self.name} shut down after {self.shutdown_timeout}s "
-                                            "while the handler was still running"))
-        if entries:
-            log.warning("shutdown timeout: %d item(s) still running are sent back for a retry", len(entries))
-            self._cycle(Outcomes(retried=entries))
+        """Shutdown timed out, or was forced: the items still running count their attempt and go
+        back for a retry (dead if that was their last)."""
+        forced = self.state.forced
+        why = ("shut down by a forced stop" if forced else f"shut down after {self.shutdown_timeout:g}s") + \
+            " while the handler was still running"
+        entries = [(i, t, 0.0, f"worker {self.name}: {why}") for lane in self.lanes.values() for i, t in lane.tokens()]
+        head = "forced stop" if forced else f"shutdown timeout ({self.shutdown_timeout:g}s)"
+        if not entries:
+            if forced:
+                log.warning("%s: no handler was running", head)
+            return
+        ids = some([e[0] for e in entries])
+        out = Outcomes(retried=entries)
+        last = len(self._dying(out))  # their last attempt: dead, each logged by the cycle
+        try:
+            self._cycle(out)
+        except StoreError as exc:  # stopping anyway: say what becomes of them
+            log.warning("%s: abandoned %d running item(s) (%s) but could not send them back (%s): they will be "
+                        "retried once their leases expire (within %gs)", head, len(entries), ids, exc,
+                        self._longest_lease())
+            return
+        if last:
+            log.warning("%s: abandoned %d running item(s) (%s), their attempt spent: %d sent back to pending for a "
+                        "retry, %d dead (it was their last)", head, len(entries), ids, len(entries) - last, last)
+        else:
+            log.warning("%s: abandoned %d running item(s) (%s): sent back to pending for a retry, their attempt "
+                        "spent", head, len(entries), ids)
+
+    def _longest_lease(self) -> float:
+        return max(lane.opts.lease_seconds for lane in self.lanes.values())
 
     # -- runners and keeper ---------------------------------------------------------------------
     def _start_runners(self) -> None:

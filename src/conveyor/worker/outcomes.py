@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import Fail, Retry
 from ..model import Item, Outcomes, QueueOptions
@@ -34,6 +34,17 @@ class RunState:
 
 def error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).strip()
+
+
+def which(items: list[Item]) -> str:
+    """The items of one run, for a log line: an id, or a batch's size."""
+    return str(items[0].id) if len(items) == 1 else f"batch of {len(items)}"
+
+
+def some(ids: Sequence[int], most: int = 20) -> str:
+    """Ids for a log line: all of up to `most`, else the first ones and how many more."""
+    shown = ", ".join(map(str, list(ids)[:most]))
+    return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
 
 
 def summary(text: str | None) -> str:
@@ -84,17 +95,21 @@ class OutcomeBuffer:
         or dead once the attempts are spent (the store decides, by the item's attempts)."""
         toks = [(it.id, it.claim_token) for it in items]
         if isinstance(exc, Fail):
+            log.debug("handler for %r failed item %s (attempt %s): %s", opts.queue, which(items),
+                      items[0].attempts, exc.reason)
             reason = f"Fail: {exc.reason}"
             self._add(lambda o: o.failed.extend((i, t, reason) for i, t in toks), len(items))  # type: ignore[misc]
             return
         if isinstance(exc, Retry):
             text = f"Retry: {exc.reason}"
+            log.debug("handler for %r asked for a retry of item %s (attempt %s/%s)%s: %s", opts.queue,
+                      which(items), items[0].attempts, opts.max_attempts,
+                      "" if exc.delay is None else f" in {exc.delay:g}s", exc.reason)
         else:
             text = error_text(exc)
             first = items[0]
             log.warning("handler for %r raised on item %s (attempt %s/%s): %s",
-                        opts.queue, first.id if len(items) == 1 else f"batch of {len(items)}",
-                        first.attempts, opts.max_attempts, f"{type(exc).__name__}: {exc}")
+                        opts.queue, which(items), first.attempts, opts.max_attempts, f"{type(exc).__name__}: {exc}")
         entries = []
         for (i, t), it in zip(toks, items):
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(

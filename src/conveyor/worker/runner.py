@@ -10,14 +10,41 @@ import threading
 from typing import Any, Protocol, Sequence
 
 from ..errors import LeaseLost
-from ..model import Item, Processor, QueueOptions
+from ..model import Item, Processor, QueueOptions, State
 from ..stores.base import Store
-from .outcomes import OutcomeBuffer, RunState
+from .outcomes import OutcomeBuffer, RunState, some
 
 log = logging.getLogger("conveyor.worker")
 
 #: returned by Runner.run_sync when a transactional run settled its items itself
 SETTLED = object()
+ROLLED_BACK = "the handler's writes were rolled back"
+
+
+class _Refused(LeaseLost):
+    """A transactional run's resolution was refused by the store (see report_refused)."""
+
+
+def cancelled_among(store: Store, item_ids: Sequence[int]) -> set[int]:
+    """Which of these items, whose results the store refused, an operator cancelled (the others
+    lost their lease). Refusals are rare: one lookup; if it fails, none are taken as cancelled."""
+    try:
+        return {it.id for it in store.get_many(item_ids) if it.state == State.CANCELLED}
+    except Exception as exc:  # noqa: BLE001 - only the wording of a log line depends on it
+        log.debug("could not look up refused item(s) %s: %s", some(item_ids), exc)
+        return set()
+
+
+def report_refused(store: Store, item_ids: Sequence[int], what: str) -> None:
+    """Say why the store refused these items' results, and what became of them (`what`):
+    cancelled by an operator while they ran (INFO), or their lease was lost (WARNING)."""
+    cancelled = cancelled_among(store, item_ids)
+    if cancelled:
+        log.info("item(s) %s cancelled while running; %s", some([i for i in item_ids if i in cancelled]), what)
+    lost = [i for i in item_ids if i not in cancelled]
+    if lost:
+        log.warning("lease lost on item(s) %s (it expired and the item was rescued; another worker may hold it "
+                    "now): %s", some(lost), what)
 
 
 class Lane(Protocol):
@@ -64,9 +91,12 @@ class Runner:
                     raise LeaseLost([it.id for it in items], "handler ran past timeout_seconds: its writes are rolled back")
                 lost = store.resolve([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
                 if lost:
-                    raise LeaseLost(lost)
+                    raise _Refused(lost)
+        except _Refused as exc:
+            report_refused(store, exc.item_ids, ROLLED_BACK)
+            self.outcomes.count("lost", len(items))
         except LeaseLost as exc:
-            log.warning("%s: the handler's writes were rolled back", exc)
+            log.warning("%s", exc)
             self.outcomes.count("lost", len(items))
         except BaseException as exc:
             return exc
@@ -114,9 +144,9 @@ class Runner:
                 await self._bounded(lane, lane.processor.handler(arg, conn))
                 lost = await store.resolve_in(conn, [(it.id, it.claim_token) for it in items])  # type: ignore[misc]
                 if lost:
-                    raise LeaseLost(lost)
-        except LeaseLost as exc:
-            log.warning("%s: the handler's writes were rolled back", exc)
+                    raise _Refused(lost)
+        except _Refused as exc:
+            await asyncio.to_thread(report_refused, store, exc.item_ids, ROLLED_BACK)
             self.outcomes.count("lost", len(items))
         else:
             self.outcomes.count("resolved", len(items))
