@@ -293,6 +293,30 @@ def test_worker_drains_queue_and_exits(cli, app, tmp_path):
     assert (s["resolved"], s["pending"], s["in_progress"]) == (50, 0, 0)
 
 
+def test_worker_log_lines_as_json_with_their_fields(cli, app, tmp_path):
+    (tmp_path / "failing.py").write_text(textwrap.dedent("""
+        import conveyor
+
+        app = conveyor.App()
+
+        @app.processor("emails", max_attempts=1)
+        def send(item):
+            raise conveyor.Fail("mailbox gone")
+    """))
+    item_id = app.submit("emails", {"to": "ada"})
+    r = cli("worker", "failing:app", "--stop-when-empty", "--log-format", "json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines), lines
+    dead = [line for line in lines if "is dead" in line["message"]]
+    assert len(dead) == 1, lines
+    assert dead[0]["item_ids"] == [item_id] and dead[0]["queue"] == "emails" and dead[0]["level"] == "warning"
+    assert dead[0]["message"] == f"item {item_id} of 'emails' is dead after attempt 1/1: Fail: mailbox gone"
+    assert dead[0]["worker"] and all(line["worker"] == dead[0]["worker"] for line in lines if line["logger"] == "conveyor.worker")
+    text = cli("--log-format", "text", "status")  # the option goes before the command too
+    assert text.returncode == 0, text.stderr
+
+
 def test_help_and_version(cli):
     r = cli("--help", db=None)
     assert r.returncode == 0 and "submit" in r.stdout and "worker" in r.stdout

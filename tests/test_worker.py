@@ -15,11 +15,11 @@ import time
 import uuid
 
 import pytest
+from waiting import wait_until
 
 import conveyor
-from conveyor.worker import Worker
 from conveyor import Fail, Retry, State
-from waiting import wait_until
+from conveyor.worker import Worker
 
 FAST = {"backoff_base": 0.05, "backoff_max": 0.2}
 
@@ -39,7 +39,7 @@ class WorkerThread:
         except BaseException as exc:  # noqa: BLE001 - re-raised in join
             self.error = exc
 
-    def start(self) -> "WorkerThread":
+    def start(self) -> WorkerThread:
         self.thread.start()
         return self
 
@@ -866,7 +866,41 @@ def test_items_carry_their_fields_to_the_handler(app):
 # -- what the worker says ---------------------------------------------------------------------
 
 def messages(caplog, level: int) -> list[str]:
-    return [r.getMessage() for r in list(caplog.records) if r.name.startswith("conveyor") and r.levelno == level]
+    """The conveyor log lines at `level`, without the fields' text tail (`  [worker=… queue=… items=…]`)."""
+    return [r.getMessage().split("  [worker=")[0] for r in list(caplog.records)
+            if r.name.startswith("conveyor") and r.levelno == level]
+
+
+def test_every_worker_log_line_names_the_worker_and_what_it_is_about(app, caplog):
+    """Fields on every line a worker logs: its name always; the queue and item ids where the line
+    is about items; as record attributes (for a structured handler) and as the message's tail."""
+    caplog.set_level(logging.DEBUG, logger="conveyor")
+
+    @app.processor("q", max_attempts=2, **FAST)
+    def handle(item):
+        if item.payload == "fail":
+            raise Fail("customer gone")
+        if item.payload == "retry" and item.attempts == 1:
+            raise Retry(delay=0, reason="busy")
+        raise ValueError("boom")
+
+    ids = {p: app.submit("q", p) for p in ("fail", "retry", "raise")}
+    WorkerThread(app, None, stop_when_empty=True, name="w-fields").start().join(30)
+    lines = [r for r in list(caplog.records) if r.name == "conveyor.worker"]
+    assert len(lines) >= 6, [r.getMessage() for r in lines]  # started, failed, retry, raised x2, dead x3, stopped
+    for r in lines:
+        assert r.worker == "w-fields", r.getMessage()
+        assert r.getMessage().endswith("]") and "  [worker=w-fields" in r.getMessage(), r.getMessage()
+    about = {}
+    for r in lines:
+        if r.item_ids:
+            assert r.queue == "q", r.getMessage()
+            assert f"queue=q items={','.join(map(str, r.item_ids))}]" in r.getMessage(), r.getMessage()
+            for i in r.item_ids:
+                about.setdefault(i, []).append(r.getMessage())
+    assert set(about) == set(ids.values()), about  # every item's fate was told with its id as a field
+    dead = [r for r in lines if "is dead" in r.getMessage()]
+    assert sorted(i for r in dead for i in r.item_ids) == sorted(ids.values()), [r.getMessage() for r in dead]
 
 
 def test_every_item_that_goes_dead_is_logged_and_counted_apart_from_retries(app, caplog):

@@ -55,12 +55,49 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def setup_logging(level: str) -> None:
-    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="%H:%M:%S")
-    logging.basicConfig(level=level.upper(), handlers=[handler], format="%(message)s", force=True)
+class JSONLines(logging.Formatter):
+    """One JSON object per log line: time (UTC, ISO 8601), level, logger, message, and the fields a
+    worker's lines carry (worker, queue, item_ids; see worker.logs) as keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if getattr(record, "worker", None) is not None:
+            message = message.rsplit("  [worker=", 1)[0]  # the fields' text tail: they are keys here
+        line: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": message,
+        }
+        for field in ("worker", "queue", "item_ids"):
+            value = getattr(record, field, None)
+            if value is not None:
+                line[field] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+_LOGGING = {"level": "info", "format": "text"}  # as set last, by the options before or after the command
+
+
+def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
+    """(Re)configure the root logger; what is not given stays as it was (--log-level and --log-format
+    may come before the command, after it, or both)."""
+    state = _LOGGING
+    state["level"] = level or state["level"]
+    state["format"] = fmt or state["format"]
+    handler: logging.Handler
+    if state["format"] == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONLines())
+    else:
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="%H:%M:%S")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=state["level"].upper(), handlers=[handler], force=True)
 
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+LOG_FORMATS = click.Choice(["text", "json"], case_sensitive=False)
+LOG_FORMAT_HELP = "text (default) or json: one JSON object per line, with worker, queue and item_ids as keys."
 DB_HELP = ("Database URL: sqlite:///file.db or postgresql://user@host/db. Default: the app's own URL (worker), "
            "a fresh file (demo), else $CONVEYOR_DATABASE_URL, else sqlite:///conveyor.db.")
 
@@ -68,27 +105,30 @@ DB_HELP = ("Database URL: sqlite:///file.db or postgresql://user@host/db. Defaul
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", "db", default=None, metavar="URL", help=DB_HELP)
 @click.option("--log-level", default="info", show_default=True, type=LOG_LEVELS)
+@click.option("--log-format", default="text", show_default=True, type=LOG_FORMATS, help=LOG_FORMAT_HELP)
 @click.version_option(package_name="conveyor")
 @click.pass_context
-def main(ctx: click.Context, db: str | None, log_level: str) -> None:
+def main(ctx: click.Context, db: str | None, log_level: str, log_format: str) -> None:
     """conveyor: asynchronous record processing. Workers claim items, process them with your
-    handler, and resolve them, never twice. --db and --log-level go before or after the command."""
-    setup_logging(log_level)
+    handler, and resolve them, never twice. --db, --log-level and --log-format go before or after
+    the command."""
+    setup_logging(log_level, log_format)
     ctx.obj = {"db": db}
 
 
 def global_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--db and --log-level, accepted after the subcommand too (`conveyor status --db URL`)."""
+    """--db, --log-level and --log-format, accepted after the subcommand too (`conveyor status --db URL`)."""
 
     @click.option("--db", "_db", default=None, metavar="URL", help=DB_HELP)
     @click.option("--log-level", "_log_level", default=None, type=LOG_LEVELS, help="debug, info (default), warning or error.")
+    @click.option("--log-format", "_log_format", default=None, type=LOG_FORMATS, help=LOG_FORMAT_HELP)
     @functools.wraps(fn)
-    def wrapper(*args: Any, _db: str | None, _log_level: str | None, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, _db: str | None, _log_level: str | None, _log_format: str | None, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         if _db is not None:
             ctx.obj["db"] = _db
-        if _log_level is not None:
-            setup_logging(_log_level)
+        if _log_level is not None or _log_format is not None:
+            setup_logging(_log_level, _log_format)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 #: (item id, claim token): names one claim of an item
 Token = tuple[int, int]
 
 
-class State(str, enum.Enum):
+class State(str, enum.Enum):  # noqa: UP042 (str() and format() stay as they are)
     """Where an item is in its life: pending → in_progress → resolved (or dead / cancelled)."""
 
     PENDING = "pending"
@@ -108,7 +109,7 @@ class Outcomes:
     def __len__(self) -> int:
         return len(self.resolved) + len(self.retried) + len(self.failed) + len(self.released)
 
-    def extend(self, other: "Outcomes") -> None:
+    def extend(self, other: Outcomes) -> None:
         self.resolved.extend(other.resolved)
         self.retried.extend(other.retried)
         self.failed.extend(other.failed)

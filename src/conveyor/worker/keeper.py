@@ -13,19 +13,17 @@ as `failure`, which the worker's loop raises, so the process stops and says why.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import StoreError
 from ..model import error_headline
 from ..stores.base import Store
 from .lanes import Lane
+from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
 from .runner import cancelled_among
-
-log = logging.getLogger("conveyor.worker")
 
 
 class _Service:
@@ -33,7 +31,8 @@ class _Service:
 
     name = "conveyor-service"
 
-    def __init__(self, on_failure: Callable[[], None]):
+    def __init__(self, on_failure: Callable[[], None], log: WorkerLog):
+        self.log = log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_failure = on_failure
@@ -53,7 +52,7 @@ class _Service:
         try:
             self._run()
         except BaseException as exc:  # a bug: stop the worker, which raises it
-            log.error("%s failed: %s: %s", self.name, type(exc).__name__, exc, exc_info=exc)
+            self.log.error("%s failed: %s: %s", self.name, type(exc).__name__, exc, exc_info=exc)
             self.failure = exc
             self._on_failure()
         finally:
@@ -74,7 +73,7 @@ class Keeper(_Service):
     def __init__(self, store: Store, lanes: Sequence[Lane], outcomes: OutcomeBuffer, rescued: threading.Event,
                  on_failure: Callable[[], None], *, heartbeat_interval: float, rescue_interval: float,
                  prune_after: float | None = None, prune_interval: float = 600.0):
-        super().__init__(on_failure)
+        super().__init__(on_failure, outcomes.log)
         self.store = store
         self.lanes = list(lanes)
         self.outcomes = outcomes
@@ -104,7 +103,7 @@ class Keeper(_Service):
                 trouble = 0
             except StoreError as exc:  # the keeper outlives a database hiccup
                 trouble += 1
-                log.warning("heartbeat/rescue failed (attempt %d), will retry: %s", trouble, exc)
+                self.log.warning("heartbeat/rescue failed (attempt %d), will retry: %s", trouble, exc)
             self._stop.wait(max(0.01, min(next_beat, next_rescue) - time.monotonic()))
 
     def _finish(self) -> None:
@@ -133,20 +132,23 @@ class Keeper(_Service):
     def refused(self, lane: Lane, item_ids: list[int]) -> None:
         """The heartbeat found items this worker holds no longer leased to it: cancelled by an
         operator (their results will be dropped), or lost (rescued after their lease expired)."""
-        cancelled = cancelled_among(self.store, item_ids)
+        log, queue = self.log, lane.opts.queue
+        cancelled = cancelled_among(self.store, item_ids, log)
         if cancelled:
+            gone = [i for i in item_ids if i in cancelled]
             log.info("heartbeat: item(s) %s of %r cancelled while running; their results will be dropped",
-                     some([i for i in item_ids if i in cancelled]), lane.opts.queue)
+                     some(gone), queue, queue=queue, items=gone)
         lost = [i for i in item_ids if i not in cancelled]
         if lost:
-            log.warning("heartbeat: lease lost on item(s) %s of %r", some(lost), lane.opts.queue)
+            log.warning("heartbeat: lease lost on item(s) %s of %r", some(lost), queue, queue=queue, items=lost)
 
     def rescue(self) -> None:
         rescued = self.store.rescue_expired()
         if rescued:
             self.outcomes.count("rescued", len(rescued))
             dead = [i for i, s in rescued if s == "dead"]
-            log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), len(dead))
+            self.log.warning("rescued %d item(s) whose lease expired (%d dead: attempts spent)", len(rescued), len(dead),
+                             items=[i for i, _ in rescued])
             self.rescued.set()
             if dead:
                 self.report_dead(dead)
@@ -156,11 +158,12 @@ class Keeper(_Service):
         try:
             items = self.store.get_many(item_ids)
         except StoreError as exc:  # the rescue is done: say what is known
-            log.warning("item(s) %s dead: their lease expired on the last attempt (%s)", some(item_ids), exc)
+            self.log.warning("item(s) %s dead: their lease expired on the last attempt (%s)", some(item_ids), exc,
+                             items=item_ids)
             return
         for item in items:
-            log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, item.queue, item.attempts,
-                        item.max_attempts, error_headline(item.last_error))
+            self.log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, item.queue, item.attempts,
+                             item.max_attempts, error_headline(item.last_error), queue=item.queue, items=[item.id])
 
     def prune(self) -> None:
         """Keep the hot table small: delete the queues' finished items older than prune_after."""
@@ -168,7 +171,7 @@ class Keeper(_Service):
         for queue in dict.fromkeys(lane.opts.queue for lane in self.lanes):
             n = self.store.purge(queue, self.prune_after)
             if n:
-                log.info("pruned %d finished item(s) of %r older than %gs", n, queue, self.prune_after)
+                self.log.info("pruned %d finished item(s) of %r older than %gs", n, queue, self.prune_after, queue=queue)
 
 
 class Watchdog(_Service):
@@ -179,7 +182,7 @@ class Watchdog(_Service):
 
     def __init__(self, lanes: Sequence[Lane], outcomes: OutcomeBuffer, state: RunState,
                  on_failure: Callable[[], None], interval: float):
-        super().__init__(on_failure)
+        super().__init__(on_failure, outcomes.log)
         self.lanes = list(lanes)
         self.outcomes = outcomes
         self.state = state
@@ -193,8 +196,9 @@ class Watchdog(_Service):
         for lane in self.lanes:
             for items in lane.expire_overdue():
                 timeout = lane.opts.timeout_seconds
-                log.warning("handler for %r ran past timeout_seconds=%g on item(s) %s: abandoned, item(s) retried",
-                            lane.opts.queue, timeout, [it.id for it in items][:10])
+                ids = [it.id for it in items]
+                self.log.warning("handler for %r ran past timeout_seconds=%g on item(s) %s: abandoned, item(s) retried",
+                                 lane.opts.queue, timeout, some(ids), queue=lane.opts.queue, items=ids)
                 exc = TimeoutError(f"handler ran past timeout_seconds={timeout:g}; its thread was abandoned")
                 self.outcomes.failed(lane.opts, items, exc)
                 if not self.state.stopping:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..model import Claim, Item, Processor, Token
 from .outcomes import OutcomeBuffer, RunState
 from .runner import SETTLED, Runner
-
-log = logging.getLogger("conveyor.worker")
 
 IDLE_MAX = 0.5  # longest idle sleep between claims when no wake-up arrives
 POLL_MIN = 0.005  # first re-poll of a queue that came back short, doubling up to IDLE_MAX
@@ -135,7 +133,7 @@ class Lane:
         for _ in range(self.opts.concurrency):
             self.add_thread()
 
-    def start_tasks(self, loop: asyncio.AbstractEventLoop) -> list["asyncio.Task[None]"]:
+    def start_tasks(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
         """On the worker's event loop (called in its thread): the queue and `concurrency` tasks."""
         self.loop = loop
         self.async_q = asyncio.Queue()
@@ -179,8 +177,8 @@ class Lane:
                     given_up = me in self.abandoned
                     self.abandoned.discard(me)  # a thread started later may get the same ident
                 if given_up:
-                    log.warning("handler for %r returned after its timeout: result dropped, thread retired",
-                                self.opts.queue)
+                    self.state.log.warning("handler for %r returned after its timeout: result dropped, thread retired",
+                                           self.opts.queue, queue=self.opts.queue, items=[it.id for it in items])
                     break
             if exc is None:
                 self.outcomes.resolved(items)
@@ -280,7 +278,7 @@ class Handoff:
             self._cv.notify_all()
 
 
-def _put_all(q: "asyncio.Queue[Any]", units: list[Any]) -> None:
+def _put_all(q: asyncio.Queue[Any], units: list[Any]) -> None:
     for unit in units:
         q.put_nowait(unit)
 

@@ -17,24 +17,23 @@ and the log says why once.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import StoreError, UsageError
 from ..model import Claim, Item, Outcomes, Processor, error_headline
 from ..stores.base import Store
 from .keeper import Keeper, Watchdog
 from .lanes import IDLE_MAX, Lane
+from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
 from .runner import Runner, report_refused
-
-log = logging.getLogger("conveyor.worker")
 
 FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
 FLUSH_MAX = 1000  # outcomes settled in one statement at most
@@ -73,9 +72,11 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         #: delete this worker's queues' resolved, dead and cancelled items once they are this old
         self.prune_after = prune_after
-        self.state = RunState()
+        #: every line this worker logs names it (and the queue and items it is about): see logs.py
+        self.log = WorkerLog(self.name)
+        self.state = RunState(log=self.log)
         self.wake = threading.Event()
-        self.outcomes = OutcomeBuffer(self.wake)
+        self.outcomes = OutcomeBuffer(self.wake, self.log)
         self.runner = Runner(store, self.outcomes, self.wake, self.state)
         self.lanes = {p.queue: Lane(p, self.runner, self.outcomes, self.state) for p in processors}
         self._solo: tuple[Lane, Item] | None = None  # a suspect running alone
@@ -157,11 +158,13 @@ class Worker:
         self.outcomes.count("retried", sum(1 for e in kept(out.retried) if not last_run(e)))
         self.outcomes.count("dead", len(dead) + sum(1 for e in kept(out.failed) if not last_run(e)))
         for lane, item, error in dead:
-            log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, lane.opts.queue, item.attempts,
-                        item.max_attempts or lane.opts.max_attempts, error_headline(error))
+            self.log.warning("item %s of %r is dead after attempt %s/%s: %s", item.id, lane.opts.queue, item.attempts,
+                             item.max_attempts or lane.opts.max_attempts, error_headline(error),
+                             queue=lane.opts.queue, items=[item.id])
         if refused:
             self.outcomes.count("lost", len(refused))
-            report_refused(self.store, list(dict.fromkeys(i for i, _ in sorted(refused))), "its result was dropped")
+            report_refused(self.store, list(dict.fromkeys(i for i, _ in sorted(refused))), "its result was dropped",
+                           self.log)
         return [(lane, n, items) for (lane, n), items in zip(wants, batches)]
 
     def _stale(self, entries: Sequence[Sequence[Any]]) -> set[tuple[int, int]]:
@@ -206,7 +209,7 @@ class Worker:
         lost, rescued). Raises what a bug raised, after stopping every thread."""
         restore = self._install_signals() if install_signal_handlers else None
         self._migrate_at_start()
-        log.info("worker %s started on %s", self.name, ", ".join(self.queues))
+        self.log.info("worker %s started on %s", self.name, ", ".join(self.queues))
         try:
             self._start_runners()
             self._loop()
@@ -214,7 +217,7 @@ class Worker:
             self._stop_runners()
             if restore:
                 restore()
-            log.info("worker %s stopped: %s", self.name, self.counts)
+            self.log.info("worker %s stopped: %s", self.name, self.counts)
         return dict(self.counts)
 
     def _migrate_at_start(self) -> None:
@@ -227,7 +230,7 @@ class Worker:
             except StoreError as exc:
                 if attempt == 8 or self.state.stopping:
                     raise
-                log.warning("database error at start (attempt %d), retrying: %s", attempt, exc)
+                self.log.warning("database error at start (attempt %d), retrying: %s", attempt, exc)
                 time.sleep(min(2.0, 0.05 * 2 ** attempt))
 
     def _loop(self) -> None:
@@ -248,9 +251,9 @@ class Worker:
             except StoreError as exc:  # the database hiccuped: nothing is lost, the step is redone
                 trouble += 1
                 pause = min(5.0, 0.05 * 2 ** min(trouble, 10))
-                log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause, exc)
+                self.log.warning("database error (attempt %d), retrying in %.2fs: %s", trouble, pause, exc)
                 if self.state.stopping and (self.state.forced or deadline is not None and time.monotonic() > deadline):
-                    log.warning("giving up at shutdown: %d item(s) held and %d result(s) unsettled; they will be "
+                    self.log.warning("giving up at shutdown: %d item(s) held and %d result(s) unsettled; they will be "
                                 "retried once their leases expire (within %gs)", self._inflight_total(),
                                 self.outcomes.waiting()[0], self._longest_lease())
                     return
@@ -292,7 +295,7 @@ class Worker:
             self.stop_when_empty and inflight == 0 and not claimed_any
             and all(lane.dry for lane in self.lanes.values()) and not self.store.has_work(self.queues)
         ):
-            log.info("queues %s are empty: stopping", ", ".join(self.queues))
+            self.log.info("queues %s are empty: stopping", ", ".join(self.queues))
             return "stop"
         if claimed_any:
             return "busy"
@@ -311,8 +314,9 @@ class Worker:
             return
         lane = next(lane for lane in self.lanes.values() if lane.suspects)
         item = lane.suspects.popleft()
-        log.warning("running item %s of %r alone: the worker that held it died (attempt %s/%s)",
-                    item.id, lane.opts.queue, item.attempts, lane.opts.max_attempts)
+        self.log.warning("running item %s of %r alone: the worker that held it died (attempt %s/%s)",
+                         item.id, lane.opts.queue, item.attempts, lane.opts.max_attempts,
+                         queue=lane.opts.queue, items=[item.id])
         self._solo = (lane, item)
         lane.dispatch([item])
 
@@ -362,24 +366,26 @@ class Worker:
         head = "forced stop" if forced else f"shutdown timeout ({self.shutdown_timeout:g}s)"
         if not entries:
             if forced:
-                log.warning("%s: no handler was running", head)
+                self.log.warning("%s: no handler was running", head)
             return
-        ids = some([e[0] for e in entries])
+        all_ids = [e[0] for e in entries]
+        ids = some(all_ids)
         out = Outcomes(retried=entries)
         last = len(self._dying(out))  # their last attempt: dead, each logged by the cycle
         try:
             self._cycle(out)
         except StoreError as exc:  # stopping anyway: say what becomes of them
-            log.warning("%s: abandoned %d running item(s) (%s) but could not send them back (%s): they will be "
+            self.log.warning("%s: abandoned %d running item(s) (%s) but could not send them back (%s): they will be "
                         "retried once their leases expire (within %gs)", head, len(entries), ids, exc,
-                        self._longest_lease())
+                        self._longest_lease(), items=all_ids)
             return
         if last:
-            log.warning("%s: abandoned %d running item(s) (%s), their attempt spent: %d sent back to pending for a "
-                        "retry, %d dead (it was their last)", head, len(entries), ids, len(entries) - last, last)
+            self.log.warning("%s: abandoned %d running item(s) (%s), their attempt spent: %d sent back to pending for a "
+                        "retry, %d dead (it was their last)", head, len(entries), ids, len(entries) - last, last,
+                        items=all_ids)
         else:
-            log.warning("%s: abandoned %d running item(s) (%s): sent back to pending for a retry, their attempt "
-                        "spent", head, len(entries), ids)
+            self.log.warning("%s: abandoned %d running item(s) (%s): sent back to pending for a retry, their attempt "
+                        "spent", head, len(entries), ids, items=all_ids)
 
     def _longest_lease(self) -> float:
         return max(lane.opts.lease_seconds for lane in self.lanes.values())
@@ -433,16 +439,16 @@ class Worker:
         self.state.stopping = True
         self.wake.set()
 
-    def _install_signals(self):  # type: ignore[no-untyped-def]
+    def _install_signals(self) -> Callable[[], None] | None:
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handle(signum: int, frame: Any) -> None:
             if self.state.stopping:
-                log.warning("second signal: stopping now")
+                self.log.warning("second signal: stopping now")
                 self.stop(force=True)
             else:
-                log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
+                self.log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
                 self.stop()
 
         old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -7,18 +7,17 @@ lot (`take`) and, if the store fails, puts it back in front (`restore`).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import Fail, Retry
 from ..model import Item, Outcomes, QueueOptions
 from .backoff import backoff_delay
-
-log = logging.getLogger("conveyor.worker")
+from .logs import WorkerLog
 
 COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "lost", "rescued")
 
@@ -26,10 +25,11 @@ COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "lost", "rescu
 @dataclass
 class RunState:
     """The worker's switches, read by every lane and runner: stop claiming and starting; give up on
-    running handlers at once (a second signal)."""
+    running handlers at once (a second signal); and the worker's log, which every part writes to."""
 
     stopping: bool = False
     forced: bool = False
+    log: WorkerLog = field(default_factory=lambda: WorkerLog("worker"))
 
 
 def error_text(exc: BaseException) -> str:
@@ -47,16 +47,11 @@ def some(ids: Sequence[int], most: int = 20) -> str:
     return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
 
 
-def summary(text: str | None) -> str:
-    """The line of an item's last_error worth a log line: a traceback's last (the exception)."""
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
 class OutcomeBuffer:
     """Outcomes waiting to be settled, and counts of what this worker did."""
 
-    def __init__(self, wake: threading.Event):
+    def __init__(self, wake: threading.Event, log: WorkerLog):
+        self.log = log
         #: set when outcomes are worth a cycle (the first one, or enough to fill a settle)
         self.wake = wake
         self._out = Outcomes()
@@ -94,22 +89,24 @@ class OutcomeBuffer:
         """A handler raised (or was given up on): Fail → dead, anything else → retry with backoff,
         or dead once the attempts are spent (the store decides, by the item's attempts)."""
         toks = [(it.id, it.claim_token) for it in items]
+        log, fields = self.log, {"queue": opts.queue, "items": [it.id for it in items]}
         if isinstance(exc, Fail):
             log.debug("handler for %r failed item %s (attempt %s): %s", opts.queue, which(items),
-                      items[0].attempts, exc.reason)
+                      items[0].attempts, exc.reason, **fields)
             reason = f"Fail: {exc.reason}"
-            self._add(lambda o: o.failed.extend((i, t, reason) for i, t in toks), len(items))  # type: ignore[misc]
+            self._add(lambda o: o.failed.extend((i, t, reason) for i, t in toks), len(items))
             return
         if isinstance(exc, Retry):
             text = f"Retry: {exc.reason}"
             log.debug("handler for %r asked for a retry of item %s (attempt %s/%s)%s: %s", opts.queue,
                       which(items), items[0].attempts, opts.max_attempts,
-                      "" if exc.delay is None else f" in {exc.delay:g}s", exc.reason)
+                      "" if exc.delay is None else f" in {exc.delay:g}s", exc.reason, **fields)
         else:
             text = error_text(exc)
             first = items[0]
             log.warning("handler for %r raised on item %s (attempt %s/%s): %s",
-                        opts.queue, which(items), first.attempts, opts.max_attempts, f"{type(exc).__name__}: {exc}")
+                        opts.queue, which(items), first.attempts, opts.max_attempts, f"{type(exc).__name__}: {exc}",
+                        **fields)
         entries = []
         for (i, t), it in zip(toks, items):
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(

@@ -5,16 +5,15 @@ goes to the outcome buffer; a transactional run settles its items itself."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from ..errors import LeaseLost
 from ..model import Item, Processor, QueueOptions, State
 from ..stores.base import Store
+from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
-
-log = logging.getLogger("conveyor.worker")
 
 #: returned by Runner.run_sync when a transactional run settled its items itself
 SETTLED = object()
@@ -25,26 +24,27 @@ class _Refused(LeaseLost):
     """A transactional run's resolution was refused by the store (see report_refused)."""
 
 
-def cancelled_among(store: Store, item_ids: Sequence[int]) -> set[int]:
+def cancelled_among(store: Store, item_ids: Sequence[int], log: WorkerLog) -> set[int]:
     """Which of these items, whose results the store refused, an operator cancelled (the others
     lost their lease). Refusals are rare: one lookup; if it fails, none are taken as cancelled."""
     try:
         return {it.id for it in store.get_many(item_ids) if it.state == State.CANCELLED}
     except Exception as exc:  # noqa: BLE001 - only the wording of a log line depends on it
-        log.debug("could not look up refused item(s) %s: %s", some(item_ids), exc)
+        log.debug("could not look up refused item(s) %s: %s", some(item_ids), exc, items=item_ids)
         return set()
 
 
-def report_refused(store: Store, item_ids: Sequence[int], what: str) -> None:
+def report_refused(store: Store, item_ids: Sequence[int], what: str, log: WorkerLog, queue: str | None = None) -> None:
     """Say why the store refused these items' results, and what became of them (`what`):
     cancelled by an operator while they ran (INFO), or their lease was lost (WARNING)."""
-    cancelled = cancelled_among(store, item_ids)
+    cancelled = cancelled_among(store, item_ids, log)
     if cancelled:
-        log.info("item(s) %s cancelled while running; %s", some([i for i in item_ids if i in cancelled]), what)
+        gone = [i for i in item_ids if i in cancelled]
+        log.info("item(s) %s cancelled while running; %s", some(gone), what, queue=queue, items=gone)
     lost = [i for i in item_ids if i not in cancelled]
     if lost:
         log.warning("lease lost on item(s) %s (it expired and the item was rescued; another worker may hold it "
-                    "now): %s", some(lost), what)
+                    "now): %s", some(lost), what, queue=queue, items=lost)
 
 
 class Lane(Protocol):
@@ -77,7 +77,7 @@ class Runner:
             return self._run_transactional(lane, items, arg)
         try:
             lane.processor.handler(arg)
-        except BaseException as exc:  # a handler's failure never stops the worker
+        except BaseException as exc:  # noqa: BLE001 (a handler's failure never stops the worker)
             return exc
         return None
 
@@ -93,12 +93,12 @@ class Runner:
                 if lost:
                     raise _Refused(lost)
         except _Refused as exc:
-            report_refused(store, exc.item_ids, ROLLED_BACK)
+            report_refused(store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
             self.outcomes.count("lost", len(items))
         except LeaseLost as exc:
-            log.warning("%s", exc)
+            self.state.log.warning("%s", exc, queue=lane.opts.queue, items=exc.item_ids)
             self.outcomes.count("lost", len(items))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (the handler's: recorded for a retry)
             return exc
         else:
             self.outcomes.count("resolved", len(items))
@@ -133,7 +133,7 @@ class Runner:
             return await coro
         try:
             return await asyncio.wait_for(coro, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"handler ran past timeout_seconds={timeout:g} and was cancelled") from None
 
     async def _run_async_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
@@ -146,7 +146,7 @@ class Runner:
                 if lost:
                     raise _Refused(lost)
         except _Refused as exc:
-            await asyncio.to_thread(report_refused, store, exc.item_ids, ROLLED_BACK)
+            await asyncio.to_thread(report_refused, store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
             self.outcomes.count("lost", len(items))
         else:
             self.outcomes.count("resolved", len(items))
