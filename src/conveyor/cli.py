@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import textwrap
 import time
@@ -355,24 +356,36 @@ def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ..
         click.echo(json.dumps(stats, indent=2))
         return
     if as_json:  # --json --watch: one JSON document per line, every second
-        try:
-            while True:
-                click.echo(json.dumps(stats))
-                time.sleep(1)
-                stats = app.stats(asked)
-        except KeyboardInterrupt:
-            return
+        click.echo(json.dumps(stats))
+        for _ in every_second_until_stopped():
+            click.echo(json.dumps(app.stats(asked)))
+        return
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if not watch:
         console.print(status_table(stats, where))
         return
+    with Live(status_table(stats, where), console=console, auto_refresh=False) as live:
+        for _ in every_second_until_stopped():
+            live.update(status_table(app.stats(asked), where), refresh=True)
+
+
+def every_second_until_stopped() -> Iterator[None]:
+    """Yield once a second until SIGINT or SIGTERM. The signals set a flag rather than raise
+    KeyboardInterrupt, which Python drops when it lands in a finalizer or a weakref callback (the
+    watch would then never stop)."""
+    stopped: list[int] = []
+    handle = lambda signum, frame: stopped.append(signum)  # noqa: E731
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with Live(status_table(stats, where), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(1)
-                live.update(status_table(app.stats(asked), where), refresh=True)
-    except KeyboardInterrupt:
-        pass
+        next_at = time.monotonic() + 1
+        while not stopped:
+            time.sleep(min(0.1, max(0.0, next_at - time.monotonic())))
+            if not stopped and time.monotonic() >= next_at:
+                next_at += 1
+                yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # -- operators ------------------------------------------------------------------------------------
