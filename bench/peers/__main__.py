@@ -109,18 +109,18 @@ def our_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def our_latency(args: argparse.Namespace, rows: list[dict]) -> None:
-    """Conveyor's and the minimal loop's latency on PostgreSQL, attached to their rows."""
+    """Conveyor's and the minimal loop's latency on each store, attached to their rows."""
     interval = 0.005
     for row in rows:
-        if row["store"] != "postgres" or row["system"] not in ("conveyor", "minimal"):
+        if row["system"] not in ("conveyor", "minimal"):
             continue
-        console.print(f"[bold]latency[/] {row['system']} postgres, {args.latency_seconds:g} s …")
-        with fresh_url("postgres", args.pg, suffix="peerslat") as url:
+        console.print(f"[bold]latency[/] {row['system']} {row['store']}, {args.latency_seconds:g} s …")
+        with fresh_url(row["store"], args.pg, suffix="peerslat") as url:
             if row["system"] == "conveyor":
                 r = latency_bench.run_conveyor(url, args.latency_seconds, interval)
                 prefix = ""
             else:
-                r = latency_bench.run_minimal("postgres", url, args.latency_seconds, interval)
+                r = latency_bench.run_minimal(row["store"], url, args.latency_seconds, interval)
                 prefix = "minimal_"
         row.update({f"lat_{k}": r[f"{prefix}{k}"] for k in ("p50", "p95", "p99", "max")})
         row.update({k: r[f"{prefix}{k}"] for k in ("submit_call_p50", "after_submit_p50", "after_submit_p99")})
@@ -207,6 +207,29 @@ def table(rows: list[dict], n: int, load: tuple) -> Table:
     return t
 
 
+def markdown(rows: list[dict], n: int, load: tuple, took: float) -> str:
+    """The table as the README and bench/README.md show it: one run, every ratio to the same store's
+    minimal loop (a peer's: to a PostgreSQL minimal run made right before its drain)."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = [f"One run of `make bench-peers` ({when}, {took / 60:.0f} min, load average {load[0]:.2f} at start): "
+           f"{n:,} items, 2 worker processes, no-op handler.", "",
+           "| system | store | config | submit/s | drain/s | × minimal | latency p50 / p99 ms | p50 × minimal |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r.get("config") or {}
+        names = {"batch_size": "batch", "concurrency": "conc", "pool": "pool"}
+        short = " ".join(f"{names[k]} {c[k]}" for k in names if k in c)
+        if "error" in r:
+            out.append(f"| {r['system']} | {r['store']} | {short} | error: {r['error'][:60]} | | | | |")
+            continue
+        lat = "—" if r.get("lat_p50") is None else f"{r['lat_p50']:.2f} / {r['lat_p99']:.2f}"
+        times = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+        out.append(f"| {r['system']} | {r['store']} | {short} | {r.get('submit_per_s') or 0:,.0f} | "
+                   f"{r.get('drain_per_s') or 0:,.0f} | {times(r.get('ratio_to_minimal'))} | "
+                   f"{lat} | {times(r.get('lat_p50_ratio_to_minimal'))} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20_000, help="items per drain (default %(default)s)")
@@ -226,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a Redis URL with a non-zero db number: it is FLUSHDB'd (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one peer run may take")
     ap.add_argument("--json-out", default=os.path.join(RESULTS_DIR, "peers.jsonl"), help="'' for none")
+    ap.add_argument("--markdown-out", default=os.path.join(RESULTS_DIR, "peers.md"),
+                    help="the table as markdown, for the README ('' for none)")
     args = ap.parse_args(argv)
 
     problem = pg_problem(args.pg)
@@ -252,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         record("peers", line, args.json_out)
     console.print(table(rows, args.n, load))
     end = os.getloadavg()
-    console.print(f"took {time.monotonic() - started:.0f} s; load average after {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}")
+    took = time.monotonic() - started
+    console.print(f"took {took:.0f} s; load average after {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}")
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(markdown(rows, args.n, load, took))
+        console.print(f"markdown table: {args.markdown_out}")
     return 1 if any("error" in r for r in rows) else 0
 
 
