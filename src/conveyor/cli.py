@@ -370,9 +370,9 @@ def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ..
 
 
 def every_second_until_stopped() -> Iterator[None]:
-    """Yield once a second until SIGINT or SIGTERM. The signals set a flag rather than raise
-    KeyboardInterrupt, which Python drops when it lands in a finalizer or a weakref callback (the
-    watch would then never stop)."""
+    """Yield once a second until SIGINT or SIGTERM, through handlers installed here: a process
+    started without job control (a shell's background job, as CI may run) inherits SIGINT ignored,
+    and Python's default KeyboardInterrupt never comes."""
     stopped: list[int] = []
     handle = lambda signum, frame: stopped.append(signum)  # noqa: E731
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
