@@ -154,7 +154,7 @@ def test_a_database_from_before_the_browse_indexes_gets_them(store, store_url):
     from conveyor.stores import open_store
 
     made = every_state(store, key="k")
-    version = store.queries.MIGRATIONS[-1][0]
+    version = next(v for v, _, sql in store.queries.MIGRATIONS if "conveyor_items_browse" in sql)
     with store.transaction() as conn:  # back to the schema before it
         conn.execute("DROP INDEX conveyor_items_browse")
         conn.execute("DROP INDEX conveyor_items_key_history")

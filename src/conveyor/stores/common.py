@@ -94,17 +94,24 @@ _loads = orjson.loads
 _from_ts = dt.datetime.fromtimestamp
 
 
-def row_to_item(row: Sequence[Any]) -> Item:
+def row_to_item(row: Sequence[Any], times: dict[float, dt.datetime] | None = None) -> Item:
     """A row selected as ITEM_COLUMNS → Item. Hot: called for every claimed item, so positional,
-    with no per-field helper calls."""
+    with no per-field helper calls. `times`, shared by the rows of one batch, keeps the datetime of
+    each SQLite timestamp made once: a claim's items share their lease's expiry, and items submitted
+    together their creation and run_at (measured: 3 conversions per item were 1.8 µs of it)."""
     (id_, queue, payload, key, attempts, state, created, priority, run_at, dedup, error, max_att,
      owner, lease, finished, token, rescued) = row
     if isinstance(payload, (str, bytes)):
         payload = _loads(payload)
     if created.__class__ is float or created.__class__ is int:  # SQLite: unix seconds
-        created = _from_ts(created, UTC)
-        run_at = _from_ts(run_at, UTC)
-        lease = None if lease is None else _from_ts(lease, UTC)
-        finished = None if finished is None else _from_ts(finished, UTC)
+        if times is None:
+            times = {}
+        get = times.get
+        created = get(created) or times.setdefault(created, _from_ts(created, UTC))
+        run_at = get(run_at) or times.setdefault(run_at, _from_ts(run_at, UTC))
+        if lease is not None:
+            lease = get(lease) or times.setdefault(lease, _from_ts(lease, UTC))
+        if finished is not None:
+            finished = get(finished) or times.setdefault(finished, _from_ts(finished, UTC))
     return Item(id_, queue, payload, key, attempts, _STATE[state], created, priority, run_at, dedup, error,
                 max_att, owner, lease, finished, token, bool(rescued))

@@ -288,7 +288,8 @@ class SQLStore:
     @staticmethod
     def _items(rows: list[Any]) -> list[Item]:
         """Claimed rows as Items, in claim order: highest priority first, then oldest."""
-        items = [row_to_item(r) for r in rows]
+        times: dict[float, Any] = {}
+        items = [row_to_item(r, times) for r in rows]
         items.sort(key=lambda i: (-i.priority, i.run_at, i.id))
         return items
 

@@ -369,11 +369,10 @@ class SQLiteStore(SQLStore):
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         conn = self._conn()
         now = self._clock(conn)
-        where, args = "", []
         if queues:
-            where = f"WHERE queue IN ({','.join('?' * len(queues))})"
-            args = list(queues)
-        counts = conn.execute(q.COUNTS.format(where=where), args).fetchall()
+            counts = conn.execute(q.COUNTS.format(where=q.COUNTS_OF), (_dumps(list(queues)),)).fetchall()
+        else:
+            counts = conn.execute(q.COUNTS.format(where="")).fetchall()
         names = sorted({c[0] for c in counts} | set(queues or []))
         oldest = []
         recent = []
