@@ -344,14 +344,16 @@ SILENT_WORKER = """
 
     procapp.app.url = os.environ["T_URL"]
     # this worker never heartbeats nor rescues: its lease runs out under the handler
-    w = procapp.app.worker(stop_when_empty=True, heartbeat_interval=3600.0, rescue_interval=3600.0)
+    w = procapp.app.worker(stop_when_empty=True, heartbeat_interval=3600.0, rescue_interval=3600.0,
+                           shutdown_timeout=600.0)
 
-    def stop_after_first_claim():  # it claims nothing more while its one item runs
-        while not w.counts["claimed"]:
+    def stop_once_the_handler_runs():  # it claims nothing more while its one item runs
+        # the handler's start, not the claim: a stop between the two would release the item unstarted
+        while not procapp._calls:
             time.sleep(0.005)
         w.stop()
 
-    threading.Thread(target=stop_after_first_claim, daemon=True).start()
+    threading.Thread(target=stop_once_the_handler_runs, daemon=True).start()
     print(json.dumps(w.run(install_signal_handlers=False)), flush=True)
 """
 
