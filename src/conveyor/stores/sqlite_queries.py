@@ -242,6 +242,15 @@ LIST_QUEUE: dict[tuple[str | None, bool], str] = {
     (None, False): " UNION ALL ".join(f"SELECT * FROM ({part})" for part in _LIST_STATE.values())
     + " ORDER BY id DESC LIMIT :limit"
 }
+# Pending items (or all of a queue's) are usually among the newest: look there first, walking the
+# primary key down from :before, at most LIST_WINDOW rows; the sorted index read only if that
+# window holds fewer than a page.
+LIST_WINDOW = 2000
+LIST_RECENT = {
+    state: f"SELECT * FROM (SELECT {ITEM_COLUMNS} FROM conveyor_items WHERE id < :before ORDER BY id DESC "
+           f"LIMIT :window) AS recent WHERE queue = :queue {where} ORDER BY id DESC LIMIT :limit"
+    for state, where in ((None, ""), ("pending", "AND state = 'pending'"))
+}
 # every queue name: a loose scan, one probe per name of each partial index that has queue first
 _MIN_QUEUE = "(SELECT min(queue) FROM conveyor_items INDEXED BY {index} WHERE {where}{after})"
 _QUEUE_AFTER = ", ".join(_MIN_QUEUE.format(index=i, where=w, after="{after}") for i, w in (
