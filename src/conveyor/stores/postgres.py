@@ -45,6 +45,12 @@ def _clean(text: str | None) -> str | None:
     return text.replace("\x00", "\\x00") if text else text
 
 
+def _columns(items: Sequence[NewItem]) -> list[list[Any]]:
+    """The items as the parallel arrays INSERT and INSERT_NOTIFY take."""
+    return [[it.queue for it in items], [it.payload_json for it in items], [it.key for it in items],
+            [it.dedup_key for it in items], [it.priority for it in items], [it.run_at for it in items]]
+
+
 class PostgresStore(PostgresConnections):
     """Store on a PostgreSQL database. Each thread gets its own connection."""
     # -- submit ---------------------------------------------------------------------------------
@@ -54,6 +60,15 @@ class PostgresStore(PostgresConnections):
             return self._submit_on(self._callers(conn), items)
         if not items:
             return []
+        if len(items) < COPY_FROM and not self.read_only:
+            own = self._conn()
+            if not self._local.depth:  # outside any transaction: one autocommit statement, NOTIFY in it
+                try:
+                    cols = _columns(items)
+                    rows = self._execute(q.INSERT_NOTIFY, cols).fetchall()
+                except psycopg.DataError as exc:
+                    raise UsageError(f"PostgreSQL refused the items: {exc}") from None
+                return [item_id if stored else None for item_id, stored, _ in rows]
         with self.transaction() as own:
             try:
                 ids = self._insert_small(own, items) if len(items) < COPY_FROM else self._insert_copy(own, items)
@@ -146,8 +161,7 @@ class PostgresStore(PostgresConnections):
         return conn
 
     def _insert_small(self, conn: psycopg.Connection[Any], items: Sequence[NewItem]) -> list[int | None]:
-        cols = [[it.queue for it in items], [it.payload_json for it in items], [it.key for it in items],
-                [it.dedup_key for it in items], [it.priority for it in items], [it.run_at for it in items]]
+        cols = _columns(items)
         cur = conn.cursor(row_factory=tuple_row)  # a caller's connection may have another row factory
         return [item_id if stored else None for item_id, stored in cur.execute(q.INSERT, cols).fetchall()]
 
