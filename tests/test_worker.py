@@ -871,6 +871,22 @@ def messages(caplog, level: int) -> list[str]:
             if r.name.startswith("conveyor") and r.levelno == level]
 
 
+def test_a_percent_sign_in_a_queue_name_is_logged_as_it_is(app, caplog):
+    """The fields' tail joins the line's format string: a queue named with % must neither break the
+    formatting nor be doubled."""
+    caplog.set_level(logging.INFO, logger="conveyor")
+
+    @app.processor("disk-100%s", max_attempts=1)
+    def handle(item):
+        raise Fail("full")
+
+    a = app.submit("disk-100%s", 1)
+    drain(app)
+    dead = [r.getMessage() for r in caplog.records if "is dead" in r.getMessage()]
+    assert dead == [f"item {a} of 'disk-100%s' is dead after attempt 1/1: Fail: full  "
+                    f"[worker={dead and dead[0].split('[worker=')[1].split()[0]} queue=disk-100%s items={a}]"], dead
+
+
 def test_every_worker_log_line_names_the_worker_and_what_it_is_about(app, caplog):
     """Fields on every line a worker logs: its name always; the queue and item ids where the line
     is about items; as record attributes (for a structured handler) and as the message's tail."""

@@ -61,9 +61,7 @@ class JSONLines(logging.Formatter):
     worker's lines carry (worker, queue, item_ids; see worker.logs) as keys of their own."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if getattr(record, "worker", None) is not None:
-            message = message.rsplit("  [worker=", 1)[0]  # the fields' text tail: they are keys here
+        message = record.getMessage().removesuffix(getattr(record, "fields_text", ""))  # they are keys here
         line: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(), "logger": record.name, "message": message,

@@ -61,7 +61,7 @@ class PostgresStore(PostgresConnections):
         if not items:
             return []
         if len(items) < COPY_FROM and not self.read_only:
-            own = self._conn()
+            self._conn()  # this thread's connection, and its transaction depth
             if not self._local.depth:  # outside any transaction: one autocommit statement, NOTIFY in it
                 try:
                     cols = _columns(items)
@@ -287,11 +287,6 @@ class PostgresStore(PostgresConnections):
     def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
         if key is not None:
             return [row for sql in q.LIST_KEY[state] for row in self._execute(sql, args).fetchall()]
-        if state is not None and state != "pending":
-            return self._execute(q.LIST_STATE[state], args).fetchall()
-        recent = self._execute(q.LIST_RECENT[state], args | {"window": q.LIST_WINDOW}).fetchall()
-        if len(recent) == args["limit"]:
-            return recent
         states = [state] if state else list(q.LIST_STATE)
         return [row for s in states for row in self._execute(q.LIST_STATE[s], args).fetchall()]
 

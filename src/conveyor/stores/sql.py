@@ -329,15 +329,26 @@ class SQLStore:
             if queue is None and state is None and key is None:
                 return [row_to_item(r) for r in self._execute(self.queries.LIST, args).fetchall()]
             names = [queue] if queue is not None else [r[0] for r in self._execute(self.queries.QUEUES).fetchall()]
-            rows = [row for name in names for row in self._list_queue(state, key, args | {"queue": name})]
+            rows = [row for name in names for row in self._list_page(state, key, args | {"queue": name})]
         return newest_first(rows, limit)
 
     def _listing(self) -> contextlib.AbstractContextManager[Any]:
         """Around the statements of one list_items page."""
         return contextlib.nullcontext()
 
+    def _list_page(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
+        """One queue's rows of a list_items page. Pending items (or all of a queue's) are usually
+        among the newest rows: LIST_RECENT looks at the newest LIST_WINDOW of them first, and only
+        when that holds less than a page do the dialect's indexed reads run (_list_queue)."""
+        if key is None and state in self.queries.LIST_RECENT:
+            recent = self._execute(self.queries.LIST_RECENT[state], args | {"window": self.queries.LIST_WINDOW}).fetchall()
+            if len(recent) == args["limit"]:
+                return recent
+        return self._list_queue(state, key, args)
+
     def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
-        """One queue's rows of a list_items page (up to `limit` of each part; the caller merges)."""
+        """One queue's rows of a list_items page from its indexes (up to `limit` of each part; the
+        caller merges)."""
         raise NotImplementedError
 
     def _callers(self, conn: Any) -> Any:

@@ -364,10 +364,6 @@ class SQLiteStore(SQLStore):
         return _dumps(list(ids))
 
     def _list_queue(self, state: str | None, key: str | None, args: dict[str, Any]) -> list[Any]:
-        if key is None and state in q.LIST_RECENT:
-            recent = self._execute(q.LIST_RECENT[state], args | {"window": q.LIST_WINDOW}).fetchall()
-            if len(recent) == args["limit"]:
-                return recent
         return self._execute(q.LIST_QUEUE[state, key is not None], args).fetchall()
 
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

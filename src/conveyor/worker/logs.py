@@ -44,8 +44,10 @@ class WorkerLog:
             tail.append(f"queue={queue}")
         if item_ids:
             tail.append(f"items={ids_text(item_ids)}")
-        extra = {"worker": self.worker, "queue": queue, "item_ids": item_ids}
-        self.logger.log(level, f"{msg}  [{' '.join(tail)}]", *args, exc_info=exc_info, extra=extra,
+        fields = f"  [{' '.join(tail)}]"
+        extra = {"worker": self.worker, "queue": queue, "item_ids": item_ids, "fields_text": fields}
+        # the tail joins the format string: a % in a queue name must stay a %
+        self.logger.log(level, msg + (fields.replace("%", "%%") if args else fields), *args, exc_info=exc_info, extra=extra,
                         stacklevel=stacklevel + 1)
 
     def debug(self, msg: str, *args: Any, **fields: Any) -> None:
