@@ -37,20 +37,22 @@ def payload_of(row: Any) -> Any:
 def serve_sqlite(path: str, batch_size: int, stop: Any, on_rows: Callable | None = None) -> int:
     conn = raw_sqlite.connect(path)
     owner = f"raw:{os.getpid()}"
-    held: list[list[int]] = []
+    held: list[int] = []
+    token = 0
     resolved = 0
     while True:
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         if held:
-            resolved += len(conn.execute(raw_sqlite.RESOLVE_SQL, (json.dumps(held), now)).fetchall())
-        rows = conn.execute(raw_sqlite.CLAIM_SQL, (owner, now, raw_sqlite.LEASE_SECONDS, secrets.randbits(63),
+            resolved += len(conn.execute(raw_sqlite.RESOLVE_SQL, (json.dumps(held), now, token)).fetchall())
+        token = secrets.randbits(63)
+        rows = conn.execute(raw_sqlite.CLAIM_SQL, (owner, now, raw_sqlite.LEASE_SECONDS, token,
                                                    raw_sqlite.MAX_ATTEMPTS, QUEUE, batch_size)).fetchall()
         conn.execute("COMMIT")
         if rows:
             if on_rows:
                 on_rows(rows)
-            held = [[r[0], r[TOKEN]] for r in rows]
+            held = [r[0] for r in rows]
             continue
         held = []
         if stop.is_set():

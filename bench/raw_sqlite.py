@@ -68,20 +68,20 @@ def loop(path: str, batch_size: int, out: Any) -> None:
     claim comes back empty. Reports how many items it resolved."""
     conn = connect(path)
     owner = f"raw:{os.getpid()}"
-    held: list[list[int]] = []
+    held: list[int] = []
+    token = 0
     resolved = 0
     while True:
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         if held:
-            resolved += len(conn.execute(RESOLVE_SQL, (json.dumps(held), now)).fetchall())
-        rows = conn.execute(
-            CLAIM_SQL, (owner, now, LEASE_SECONDS, secrets.randbits(63), MAX_ATTEMPTS, QUEUE, batch_size)
-        ).fetchall()
+            resolved += len(conn.execute(RESOLVE_SQL, (json.dumps(held), now, token)).fetchall())
+        token = secrets.randbits(63)
+        rows = conn.execute(CLAIM_SQL, (owner, now, LEASE_SECONDS, token, MAX_ATTEMPTS, QUEUE, batch_size)).fetchall()
         conn.execute("COMMIT")
         if not rows:
             break
-        held = [[r[0], r[15]] for r in rows]  # (id, claim_token): ITEM_COLUMNS' first and last
+        held = [r[0] for r in rows]  # the batch's ids; the claim gave them all one token
     conn.close()
     out.put(resolved)
 

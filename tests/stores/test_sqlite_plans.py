@@ -70,8 +70,11 @@ def test_claim_uses_the_partial_pending_index(busy_store, sql_name):
 
 @pytest.mark.parametrize("name", ["RESOLVE", "RETRY", "FAIL", "RELEASE", "EXTEND_LEASES"])
 def test_settle_statements_search_by_primary_key(busy_store, name):
-    batch = json.dumps([[1, 2, 0.0, "x"], [3, 4, 0.0, "y"]])
-    text = plan(busy_store, getattr(sq, name), (batch, time.time()))
+    if name == "RESOLVE":  # one claim's ids and its token
+        args: tuple = (json.dumps([1, 3]), time.time(), 2)
+    else:
+        args = (json.dumps([[1, 2, 0.0, "x"], [3, 4, 0.0, "y"]]), time.time())
+    text = plan(busy_store, getattr(sq, name), args)
     assert "SEARCH conveyor_items USING INTEGER PRIMARY KEY" in text, text
     assert table_scans(text) == [], text
 

@@ -307,7 +307,7 @@ class SQLiteStore(SQLStore):
         so the write lock is held for SQL only."""
         with self.transaction() as conn:
             now = self._clock(conn)
-            lost = self._fenced_on(conn, q.RESOLVE, outcomes.resolved, now)
+            lost = self._resolve_on(conn, outcomes.resolved, now)
             lost += self._fenced_on(conn, q.RETRY, outcomes.retried, now)
             lost += self._fenced_on(conn, q.FAIL, outcomes.failed, now)
             lost += self._fenced_on(conn, q.RELEASE, outcomes.released, now)
@@ -329,6 +329,26 @@ class SQLiteStore(SQLStore):
         if not entries:
             return []
         return refused(entries, [r[0] for r in conn.execute(sql, (orjson.dumps(entries).decode(), at))])
+
+    def resolve(self, tokens: Sequence[Token]) -> list[int]:
+        if not tokens:
+            return []
+        with self.transaction() as own:
+            return self._resolve_on(own, tokens, self._clock(own))
+
+    @staticmethod
+    def _resolve_on(conn: sqlite3.Connection, tokens: Sequence[Token], at: float) -> list[int]:
+        """One RESOLVE per claim token among the tokens (a flush usually holds one or two claims'
+        items); returns the refused ids, in the order given."""
+        if not tokens:
+            return []
+        by_token: dict[int, list[int]] = {}
+        for item_id, token in tokens:
+            by_token.setdefault(token, []).append(item_id)
+        accepted: list[int] = []
+        for token, ids in by_token.items():
+            accepted += [r[0] for r in conn.execute(q.RESOLVE, (orjson.dumps(ids).decode(), at, token))]
+        return refused(tokens, accepted)
 
     def rescue_expired(self) -> list[tuple[int, str]]:
         with self.transaction() as conn:
@@ -357,7 +377,7 @@ class SQLiteStore(SQLStore):
 
     async def resolve_in(self, conn: sqlite3.Connection, tokens: Sequence[Token]) -> list[int]:
         """Resolve inside an async_transaction(); returns the refused ids."""
-        return self._fenced_on(conn, q.RESOLVE, tokens, self._clock(conn))
+        return self._resolve_on(conn, tokens, self._clock(conn))
 
     # -- operators ------------------------------------------------------------------------------
     def _id_list(self, ids: Sequence[int]) -> Any:

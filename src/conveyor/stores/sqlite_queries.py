@@ -183,7 +183,12 @@ _FENCE = (
     "WHERE conveyor_items.id = b.bid AND conveyor_items.claim_token = b.btok "
     "AND conveyor_items.state = 'in_progress' RETURNING conveyor_items.id"
 )
-RESOLVE = f"{_SETTLE} state = 'resolved', finished_at = ?2, updated_at = ?2, {_SETTLE_CLEAR} {_BATCH} {_FENCE}"
+# [ids as a JSON array, now, token]: the items of one claim (a claim gives its whole batch one
+# token), so the fence is a plain comparison and the ids a rowid IN list, not a join on
+# [id, token] pairs: a resolve, the hottest settle, measured 17.0 -> 14.5 us per item (median of 5,
+# batches of 100, every index in place). A flush groups its items by token.
+RESOLVE = (f"{_SETTLE} state = 'resolved', finished_at = ?2, updated_at = ?2, {_SETTLE_CLEAR} "
+           "WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?3 AND state = 'in_progress' RETURNING id")
 RETRY = f"""
 {_SETTLE}
        state = CASE WHEN attempts >= coalesce(max_attempts, 1) THEN 'dead' ELSE 'pending' END,
