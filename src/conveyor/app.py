@@ -19,9 +19,10 @@ from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
 from .durations import Duration, to_seconds
 from .errors import StoreError, UsageError, shown
-from .model import Item, NewItem, Processor, QueueOptions
+from .model import Item, NewItem, Processor, QueueOptions, RowsTable
 from .stores import Store, describe_database, open_store
-from .worker import Worker, run_supervised
+from .stores.rows import RowsStore, adopt_statements, adopted_tables, apply_statements, row_counts
+from .worker import Crew, Worker, run_supervised
 
 log = logging.getLogger("conveyor")
 
@@ -134,6 +135,58 @@ def _pick(spec: KeySpec, payload: Any, field: str, where: str) -> str | None:
     return _optional_text(value, field, where)
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+def check_table_name(table: Any, where: str) -> str:
+    """A table name: an identifier, or schema.identifier (PostgreSQL)."""
+    if not isinstance(table, str) or not all(_IDENTIFIER.match(part) for part in table.split(".")) \
+            or table.count(".") > 1:
+        raise UsageError(f"{where}: the table name must be an identifier (letters, digits, _), optionally "
+                         f"schema-qualified (app.orders), not {shown(table)}")
+    return table
+
+
+def check_column(column: Any, what: str, where: str) -> str:
+    if not isinstance(column, str) or not _IDENTIFIER.match(column):
+        raise UsageError(f"{where}: {what} must name a column (letters, digits, _), not {shown(column)}")
+    if column.startswith("conveyor_"):
+        raise UsageError(f"{where}: {what} column {shown(column)}: names starting with conveyor_ are conveyor's own")
+    return column
+
+
+def _status_value(value: Any, what: str, where: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise UsageError(f"{where}: {what} must be a status value (a non-empty string or an integer), not {shown(value)}")
+    if isinstance(value, str):
+        check_text(value, f"{where}: {what}")
+    return value
+
+
+def _queue_options(where: str, queue: str, *, batch_size: Any, concurrency: Any, lease_seconds: Any,
+                   max_attempts: Any, batch: bool, ordered: bool, transactional: bool, backoff_base: Any,
+                   backoff_max: Any, timeout_seconds: Any) -> QueueOptions:
+    """A processor's options, each checked (one error naming the first that is wrong)."""
+    for name, count, low in (
+        ("batch_size", batch_size, 1),
+        ("concurrency", concurrency, 1),
+        ("max_attempts", max_attempts, 1),
+    ):
+        if not isinstance(count, int) or isinstance(count, bool) or count < low:
+            raise UsageError(f"{where}: {name} must be an integer >= {low}, not {shown(count)}")
+    for name, value in (("lease_seconds", lease_seconds), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+        if not _positive_number(value):
+            raise UsageError(f"{where}: {name} must be a number > 0, not {shown(value)}")
+    if timeout_seconds is not None and not _positive_number(timeout_seconds):
+        raise UsageError(f"{where}: timeout_seconds must be a number > 0 or None, not {shown(timeout_seconds)}")
+    return QueueOptions(
+        queue=queue, batch_size=batch_size, concurrency=concurrency, lease_seconds=float(lease_seconds),
+        max_attempts=max_attempts, batch=batch, ordered=ordered, transactional=transactional,
+        backoff_base=float(backoff_base), backoff_max=float(backoff_max),
+        timeout_seconds=None if timeout_seconds is None else float(timeout_seconds),
+    )
+
+
 class App:
     """conveyor's entry point: `app = conveyor.App("sqlite:///conveyor.db")`.
 
@@ -146,6 +199,8 @@ class App:
         #: never create, migrate or write the database (status, items, show, a dashboard's reads)
         self.read_only = read_only
         self.processors: dict[str, Processor] = {}
+        #: MODULE:APP when the CLI loaded this App (messages then name the exact command to run)
+        self.spec: str | None = None
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         #: set by a submit in this process, so idle workers here start at once
@@ -197,33 +252,69 @@ class App:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as the handler of `queue`."""
         check_queue_name(queue)
-        where = f"processor for queue {shown(queue)}"
-        for name, count, low in (
-            ("batch_size", batch_size, 1),
-            ("concurrency", concurrency, 1),
-            ("max_attempts", max_attempts, 1),
-        ):
-            if not isinstance(count, int) or isinstance(count, bool) or count < low:
-                raise UsageError(f"{where}: {name} must be an integer >= {low}, not {shown(count)}")
-        for name, value in (("lease_seconds", lease_seconds), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-            if not _positive_number(value):
-                raise UsageError(f"{where}: {name} must be a number > 0, not {shown(value)}")
-        if timeout_seconds is not None and not _positive_number(timeout_seconds):
-            raise UsageError(f"{where}: timeout_seconds must be a number > 0 or None, not {shown(timeout_seconds)}")
-        if queue in self.processors:
-            raise UsageError(f"{where}: a processor is already registered for this queue")
+        options = _queue_options(
+            f"processor for queue {shown(queue)}", queue, batch_size=batch_size, concurrency=concurrency,
+            lease_seconds=lease_seconds, max_attempts=max_attempts, batch=batch, ordered=ordered,
+            transactional=transactional, backoff_base=backoff_base, backoff_max=backoff_max,
+            timeout_seconds=timeout_seconds)
+        return self._registering(options, None)
 
-        options = QueueOptions(
-            queue=queue, batch_size=batch_size, concurrency=concurrency, lease_seconds=float(lease_seconds),
-            max_attempts=max_attempts, batch=batch, ordered=ordered, transactional=transactional,
-            backoff_base=float(backoff_base), backoff_max=float(backoff_max),
-            timeout_seconds=None if timeout_seconds is None else float(timeout_seconds),
-        )
+    def rows(
+        self,
+        table: str,
+        *,
+        status: str,
+        pending: str | int,
+        working: str | int,
+        done: str | int,
+        dead: str | int,
+        key: str | None = None,
+        ordered: bool | None = None,
+        batch_size: int = 100,
+        concurrency: int = 4,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 5,
+        batch: bool = False,
+        transactional: bool = False,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        timeout_seconds: float | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the decorated function as the processor of the application's own `table`,
+        processed in place: rows whose `status` column holds `pending` are claimed (status set to
+        `working`), handled, and marked `done` (or `dead` once `max_attempts` are spent). The
+        handler gets an Item whose `id` is the row's primary key and whose `payload` is the row
+        as a dict. With `key` (a column), rows of the same key are handled one at a time in primary
+        key order (ordered=False turns that off). The table's name is its queue's name in stats and
+        the CLI. `conveyor adopt` prepares the table (columns, indexes, wake-up trigger) first."""
+        where = f"rows processor for table {shown(table)}"
+        rows = RowsTable(
+            table=check_table_name(table, where), status=check_column(status, "status", where),
+            pending=_status_value(pending, "pending", where), working=_status_value(working, "working", where),
+            done=_status_value(done, "done", where), dead=_status_value(dead, "dead", where),
+            key=None if key is None else check_column(key, "key", where))
+        values = [str(v) for v in rows.values.values()]
+        if len(set(values)) < len(values):
+            raise UsageError(f"{where}: pending, working, done and dead must be four different values, not "
+                             f"{', '.join(map(shown, rows.values.values()))}")
+        if ordered and key is None:
+            raise UsageError(f"{where}: ordered=True needs key= (the column whose rows are handled one at a time)")
+        options = _queue_options(
+            where, rows.table, batch_size=batch_size, concurrency=concurrency, lease_seconds=lease_seconds,
+            max_attempts=max_attempts, batch=batch, ordered=key is not None if ordered is None else ordered,
+            transactional=transactional, backoff_base=backoff_base, backoff_max=backoff_max,
+            timeout_seconds=timeout_seconds)
+        return self._registering(options, rows)
+
+    def _registering(self, options: QueueOptions, rows: RowsTable | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        queue = options.queue
+        if queue in self.processors:
+            raise UsageError(f"{'table' if rows else 'queue'} {shown(queue)}: a processor is already registered for it")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_handler(fn, options)
             is_async = asyncio.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
-            self.processors[queue] = Processor(options, fn, is_async)
+            self.processors[queue] = Processor(options, fn, is_async, rows)
             return fn
 
         return register
@@ -395,8 +486,35 @@ class App:
 
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """{queue: {pending, in_progress, resolved, dead, cancelled, total, oldest_pending_seconds,
-        resolved_last_minute}}"""
-        return self.store.stats(queues)
+        resolved_last_minute}}. A table processed in place (adopted, or declared with @app.rows)
+        is there too, its rows counted by what their status value stands for, with `rows: True`
+        and `other`: rows whose status is the application's own (a cancelled order, say)."""
+        stats = self.store.stats(queues)
+        tables = adopted_tables(self.store) | {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
+        for name, rows in tables.items():
+            if queues is None or name in queues:
+                stats[name] = row_counts(self.store, rows)
+        return stats
+
+    def adopt(self, table: str | None = None, *, apply: bool = False, undo: bool = False) -> dict[str, list[str]]:
+        """What the rows processors' tables (or just `table`'s) still need to be processed in place:
+        {table: DDL statements}, read from their declarations and what the database holds (columns
+        beside the row, partial indexes, on PostgreSQL a wake-up trigger). apply=True runs them,
+        each table's in one transaction; undo=True runs (and returns) what removes them instead."""
+        rows = {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
+        if not rows:
+            raise UsageError("no rows processors are registered on this App: declare one with @app.rows('table', ...)")
+        if table is not None and table not in rows:
+            raise UsageError(f"no rows processor for table {shown(table)} (declared: {', '.join(sorted(rows))})")
+        chosen = [rows[table]] if table is not None else list(rows.values())
+        plans = {}
+        for spec in chosen:
+            if apply or undo:
+                self.store.migrate()
+            plans[spec.table] = adopt_statements(self.store, spec, undo=undo)
+            if apply or undo:
+                apply_statements(self.store, plans[spec.table])
+        return plans
 
     def cancel(self, item_id: int) -> None:
         self.store.cancel(item_id)
@@ -432,7 +550,15 @@ class App:
         """A Worker for this App's processors on `queues` (default: all), on its store, woken by
         its submits; `options` as Worker takes them (stop_when_empty, shutdown_timeout,
         prune_after, name, heartbeat_interval, rescue_interval). run_worker() runs one."""
-        return Worker(self.store, self.processors_for(queues), self.wakeup, **options)
+        chosen = self.processors_for(queues)
+        plain = [p for p in chosen if p.rows is None]
+        workers = [Worker(self.store, plain, self.wakeup, **options)] if plain else []
+        for p in chosen:
+            if p.rows is not None:  # each table on a worker of its own: a row's key is not an item id
+                adopt = f"conveyor adopt {self.spec or 'MODULE:APP'} --table {p.queue}"
+                store = RowsStore(self.store, p.rows, p.options, command=adopt)
+                workers.append(Worker(store, [p], threading.Event(), **{**options, "prune_after": None}))
+        return workers[0] if len(workers) == 1 else Crew(workers)  # type: ignore[return-value]
 
     def run_worker(
         self,

@@ -270,6 +270,7 @@ def load_app(spec: str) -> App:
             raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(obj, App):
         raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a conveyor.App")
+    obj.spec = spec
     return obj
 
 
@@ -304,6 +305,39 @@ def worker(ctx: click.Context, app_spec: str, queues: tuple[str, ...], processes
                    prune_after=None if prune_after is None else parse_duration(prune_after, "--prune-after"))
 
 
+# -- adopt ----------------------------------------------------------------------------------------
+@main.command()
+@global_options
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--table", default=None, help="Only this table (default: every @app.rows table of the app).")
+@click.option("--apply", "do_apply", is_flag=True, help="Run the statements (each table's in one transaction).")
+@click.option("--undo", is_flag=True, help="Remove what adopt added (columns, indexes, trigger), and run that.")
+@click.pass_context
+@friendly
+def adopt(ctx: click.Context, app_spec: str, table: str | None, do_apply: bool, undo: bool) -> None:
+    """Print what the app's rows processors need in their tables (columns beside each row, partial
+    indexes, on PostgreSQL a wake-up trigger); --apply runs it, --undo removes it."""
+    if do_apply and undo:
+        raise UsageError("--apply and --undo exclude each other: --undo runs the removal by itself")
+    app = load_app(app_spec)
+    if ctx.obj["db"]:
+        app.close()
+        app.url = ctx.obj["db"]
+    plans = app.adopt(table, apply=do_apply, undo=undo)
+    where = app.describe_database()
+    for name, statements in plans.items():
+        if not statements:
+            click.echo(f"-- table {name!r} in {where}: adopted already, nothing to do")
+            continue
+        verb = "removed from" if undo else ("applied to" if do_apply else "needed by")
+        click.echo(f"-- {len(statements)} statement(s) {verb} table {name!r} in {where}")
+        for sql in statements:
+            click.echo(sql.strip() + ";")
+    if not (do_apply or undo) and any(plans.values()):
+        click.echo(f"-- run again with --apply to apply: conveyor adopt {app_spec}"
+                   + (f" --table {table}" if table else "") + " --apply")
+
+
 # -- status ---------------------------------------------------------------------------------------
 def format_age(seconds: float | None) -> str:
     if seconds is None:
@@ -325,8 +359,11 @@ def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
     table.add_column("oldest pending", justify="right")
     table.add_column("resolved/min", justify="right")
     for queue, s in stats.items():
-        table.add_row(queue, *[f"{s[state]:,}" for state in STATES], format_age(s["oldest_pending_seconds"]),
-                      f"{s['resolved_last_minute']:,}")
+        # a table processed in place: its rows of the application's own statuses show as cancelled
+        # (conveyor leaves them alone), and its name says it is a table
+        counts = {**s, "cancelled": s.get("other", s["cancelled"])}
+        table.add_row(f"{queue} (table)" if s.get("rows") else queue, *[f"{counts[state]:,}" for state in STATES],
+                      format_age(s["oldest_pending_seconds"]), f"{s['resolved_last_minute']:,}")
     if not stats:
         table.add_row("(no items yet)", *[""] * (len(STATES) + 2))
     return table

@@ -134,6 +134,28 @@ class QueueOptions:
     timeout_seconds: float | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class RowsTable:
+    """A table of the application's own whose rows are processed in place (`@app.rows`): its
+    status column says which rows need processing (`pending`), are being processed (`working`),
+    are done, or are dead (attempts spent). Other status values belong to the application (a
+    cancelled order): conveyor never claims such a row and never overwrites one. `key` names the
+    column whose rows are processed one at a time, in primary key order."""
+
+    table: str
+    status: str
+    pending: str | int
+    working: str | int
+    done: str | int
+    dead: str | int
+    key: str | None = None
+
+    @property
+    def values(self) -> dict[str, str | int]:
+        """The status values by the item state each stands for."""
+        return {"pending": self.pending, "in_progress": self.working, "resolved": self.done, "dead": self.dead}
+
+
 @dataclass(frozen=True)
 class Processor:
     """A handler and how it runs."""
@@ -141,6 +163,8 @@ class Processor:
     options: QueueOptions
     handler: Callable[..., Any]
     is_async: bool
+    #: set for a processor of the application's own rows (`@app.rows`); its queue is the table
+    rows: RowsTable | None = None
 
     @property
     def queue(self) -> str:

@@ -16,12 +16,68 @@ from ..model import Claim, Item, NewItem, Outcomes, Token
 
 
 @runtime_checkable
-class Store(Protocol):
+class WorkerStore(Protocol):
+    """What a worker asks of a store: the whole Store does it, and so does a RowsStore (the
+    application's own table, processed in place)."""
+
     url: str
 
-    # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
         """Apply the numbered migrations not applied yet; return the versions applied now."""
+
+    def resolve(self, tokens: Sequence[Token]) -> list[int]:
+        """Mark items resolved. Returns the ids refused because their lease was lost."""
+
+    def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
+        """A worker's whole cycle, atomically: settle `outcomes` (each fenced by its token), then
+        make `claims`. Returns (refused ids, the items claimed per claim). A store does it in as
+        few round trips as it can (PostgreSQL: one statement).
+
+        An item this cycle's settles make claimable (released, retried without delay, the next of
+        its key) may or may not be taken by this cycle's own claims: SQLite's and ordered claims
+        see the settles, a plain PostgreSQL cycle (one statement) sees the data as it was before
+        it. Either way the next cycle can take it, and no item is ever claimed twice."""
+
+    def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
+        """Push the leases of items still being handled; returns the ids whose lease was lost."""
+
+    def rescue_expired(self) -> list[tuple[int, str]]:
+        """Items whose lease ran out go back to pending (or dead if their attempts are spent),
+        the reason kept in last_error. Returns (id, new state) of each rescued item."""
+
+    def get_many(self, item_ids: Sequence[int]) -> list[Item]:
+        """The items with these ids that exist, in the order asked (each once), in one query."""
+
+    def has_work(self, queues: Sequence[str]) -> bool:
+        """True while any of these queues holds pending or in-progress items."""
+
+    def purge(self, queue: str, older_than_seconds: float) -> int:
+        """Delete resolved, dead and cancelled items finished longer ago than this; returns how many."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction on this thread's connection; store calls made inside join it.
+        Yields the driver's own connection."""
+
+    def async_transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """For one async transactional handler: a write transaction on a connection of its own,
+        yielding the connection to hand the handler (psycopg.AsyncConnection on PostgreSQL; the
+        sqlite3.Connection on SQLite, which has no async driver)."""
+
+    async def resolve_in(self, conn: Any, tokens: Sequence[Token]) -> list[int]:
+        """Resolve items inside async_transaction(); returns the refused ids."""
+
+    def wait_for_change(self, timeout: float, wake: Any = None) -> bool:
+        """Block up to `timeout` seconds for another connection to change the data (a cheap
+        wake-up for idle workers), or until `wake.is_set()` (an Event-like object). True if the
+        data changed."""
+
+    def disconnect(self) -> None:
+        """Close the calling thread's connection (threads call it as they end)."""
+
+
+@runtime_checkable
+class Store(WorkerStore, Protocol):
+    """Everything the App asks of a database (the worker's part is WorkerStore)."""
 
     # -- step 0: submit -----------------------------------------------------------------------
     def submit_many(self, items: Sequence[NewItem], conn: Any = None) -> list[int | None]:
@@ -48,9 +104,6 @@ class Store(Protocol):
         attempts+1, leased to `owner`, fresh claim token. Highest priority first, then oldest."""
 
     # -- step 4: settle --------------------------------------------------------------------------
-    def resolve(self, tokens: Sequence[Token]) -> list[int]:
-        """Mark items resolved. Returns the ids refused because their lease was lost."""
-
     def retry(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
         """(id, token, delay, error): back to pending after `delay` seconds, or dead when the
         item has spent its attempts. Returns the refused ids."""
@@ -61,28 +114,7 @@ class Store(Protocol):
     def release(self, tokens: Sequence[Token]) -> list[int]:
         """Claimed but never started: back to pending, the attempt given back. Returns refused ids."""
 
-    def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
-        """A worker's whole cycle, atomically: settle `outcomes` (each fenced by its token), then
-        make `claims`. Returns (refused ids, the items claimed per claim). A store does it in as
-        few round trips as it can (PostgreSQL: one statement).
-
-        An item this cycle's settles make claimable (released, retried without delay, the next of
-        its key) may or may not be taken by this cycle's own claims: SQLite's and ordered claims
-        see the settles, a plain PostgreSQL cycle (one statement) sees the data as it was before
-        it. Either way the next cycle can take it, and no item is ever claimed twice."""
-
-    # -- leases ---------------------------------------------------------------------------------
-    def extend_leases(self, tokens: Sequence[Token], lease_seconds: float) -> list[int]:
-        """Push the leases of items still being handled; returns the ids whose lease was lost."""
-
-    def rescue_expired(self) -> list[tuple[int, str]]:
-        """Items whose lease ran out go back to pending (or dead if their attempts are spent),
-        the reason kept in last_error. Returns (id, new state) of each rescued item."""
-
     # -- operators ------------------------------------------------------------------------------
-    def get_many(self, item_ids: Sequence[int]) -> list[Item]:
-        """The items with these ids that exist, in the order asked (each once), in one query."""
-
     def get(self, item_id: int) -> Item:
         """The item with this id, or ItemNotFound."""
 
@@ -96,38 +128,12 @@ class Store(Protocol):
     def stats(self, queues: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per queue: counts by state, oldest_pending_seconds, resolved_last_minute."""
 
-    def has_work(self, queues: Sequence[str]) -> bool:
-        """True while any of these queues holds pending or in-progress items."""
-
     def cancel(self, item_id: int) -> None:
         """Pending or in-progress item → cancelled (an in-progress run's result is then refused)."""
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         """dead / cancelled → pending with fresh attempts; returns how many."""
 
-    def purge(self, queue: str, older_than_seconds: float) -> int:
-        """Delete resolved, dead and cancelled items finished longer ago than this; returns how many."""
-
     # -- plumbing -------------------------------------------------------------------------------
-    def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        """A write transaction on this thread's connection; store calls made inside join it.
-        Yields the driver's own connection."""
-
-    def async_transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """For one async transactional handler: a write transaction on a connection of its own,
-        yielding the connection to hand the handler (psycopg.AsyncConnection on PostgreSQL; the
-        sqlite3.Connection on SQLite, which has no async driver)."""
-
-    async def resolve_in(self, conn: Any, tokens: Sequence[Token]) -> list[int]:
-        """Resolve items inside async_transaction(); returns the refused ids."""
-
-    def wait_for_change(self, timeout: float, wake: Any = None) -> bool:
-        """Block up to `timeout` seconds for another connection to change the data (a cheap
-        wake-up for idle workers), or until `wake.is_set()` (an Event-like object). True if the
-        data changed."""
-
-    def disconnect(self) -> None:
-        """Close the calling thread's connection (threads call it as they end)."""
-
     def close(self) -> None:
         """Close every connection this store opened."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import StoreError
 from ..model import error_headline
-from ..stores.base import Store
+from ..stores.base import WorkerStore
 from .lanes import Lane
 from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
@@ -70,7 +70,7 @@ class Keeper(_Service):
 
     name = "conveyor-keeper"
 
-    def __init__(self, store: Store, lanes: Sequence[Lane], outcomes: OutcomeBuffer, rescued: threading.Event,
+    def __init__(self, store: WorkerStore, lanes: Sequence[Lane], outcomes: OutcomeBuffer, rescued: threading.Event,
                  on_failure: Callable[[], None], *, heartbeat_interval: float, rescue_interval: float,
                  prune_after: float | None = None, prune_interval: float = 600.0):
         super().__init__(on_failure, outcomes.log)

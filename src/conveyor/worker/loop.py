@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import StoreError, UsageError
 from ..model import Claim, Item, Outcomes, Processor, error_headline
-from ..stores.base import Store
+from ..stores.base import WorkerStore
 from .keeper import Keeper, Watchdog
 from .lanes import IDLE_MAX, Lane
 from .logs import WorkerLog
@@ -48,7 +48,7 @@ class Worker:
 
     def __init__(
         self,
-        store: Store,
+        store: WorkerStore,
         processors: Sequence[Processor],
         wakeup: threading.Event | None = None,
         *,
@@ -440,24 +440,30 @@ class Worker:
         self.wake.set()
 
     def _install_signals(self) -> Callable[[], None] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
+        return install_stop_signals(self)
 
-        def handle(signum: int, frame: Any) -> None:
-            if self.state.stopping:
-                self.log.warning("second signal: stopping now")
-                self.stop(force=True)
-            else:
-                self.log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
-                self.stop()
 
-        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+def install_stop_signals(target: Any) -> Callable[[], None] | None:
+    """SIGINT and SIGTERM stop `target` (a Worker or a Crew): the first gently (in-flight work
+    finishes), a second at once. Returns what restores the old handlers; None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def handle(signum: int, frame: Any) -> None:
+        if target.stopping:
+            target.log.warning("second signal: stopping now")
+            target.stop(force=True)
+        else:
+            target.log.info("signal %s: finishing in-flight work, then stopping", signal.Signals(signum).name)
+            target.stop()
 
-        return restore
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
 
 
 class _AnyEvent:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from ..errors import LeaseLost
 from ..model import Item, Processor, QueueOptions, State
-from ..stores.base import Store
+from ..stores.base import WorkerStore
 from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
 
@@ -24,7 +24,7 @@ class _Refused(LeaseLost):
     """A transactional run's resolution was refused by the store (see report_refused)."""
 
 
-def cancelled_among(store: Store, item_ids: Sequence[int], log: WorkerLog) -> set[int]:
+def cancelled_among(store: WorkerStore, item_ids: Sequence[int], log: WorkerLog) -> set[int]:
     """Which of these items, whose results the store refused, an operator cancelled (the others
     lost their lease). Refusals are rare: one lookup; if it fails, none are taken as cancelled."""
     try:
@@ -34,7 +34,7 @@ def cancelled_among(store: Store, item_ids: Sequence[int], log: WorkerLog) -> se
         return set()
 
 
-def report_refused(store: Store, item_ids: Sequence[int], what: str, log: WorkerLog, queue: str | None = None) -> None:
+def report_refused(store: WorkerStore, item_ids: Sequence[int], what: str, log: WorkerLog, queue: str | None = None) -> None:
     """Say why the store refused these items' results, and what became of them (`what`):
     cancelled by an operator while they ran (INFO), or their lease was lost (WARNING)."""
     cancelled = cancelled_among(store, item_ids, log)
@@ -62,7 +62,7 @@ class Lane(Protocol):
 class Runner:
     """Runs handlers for the lanes of one worker."""
 
-    def __init__(self, store: Store, outcomes: OutcomeBuffer, wake: threading.Event, state: RunState):
+    def __init__(self, store: WorkerStore, outcomes: OutcomeBuffer, wake: threading.Event, state: RunState):
         self.store = store
         self.outcomes = outcomes
         #: set when a transactional run settled items (an ordered key may move on)
