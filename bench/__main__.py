@@ -1,9 +1,9 @@
 """The whole benchmark suite in one command, both stores:
 
     python -m bench            # full: throughput (20k ×3, 200k), latency 10 s, steady 60 s, big table 1M,
-                               #       held horizon 300 s, scaling 20k/cell, memory 1M items  (~15-20 min, estimated)
+                               #       held snapshot 300 s, scaling 20k/cell, memory 1M items  (~20-25 min, estimated)
     python -m bench --quick    # quick: throughput 20k ×1, latency 10 s, steady 15 s, big table 1M,
-                               #       held horizon 60 s, scaling 10k/cell, memory 300k       (~5 min)
+                               #       held snapshot 60 s, scaling 10k/cell, memory 300k       (~5-6 min)
     python -m bench --only latency steady    # a subset
 
 Every workload appends its JSON lines to bench/results/<workload>.jsonl and prints its own table;
@@ -62,7 +62,7 @@ def summary(results: dict[str, list[dict]], quick: bool, started: float, load: t
                 by[w].setdefault(line["store"], {})[line["items"]] = line
             elif w == "horizon":
                 if line.get("held"):
-                    by[w]["postgres"] = line
+                    by[w][line["store"]] = line
             else:
                 by[w][line["store"]] = line
     rows: list[tuple[str, str, str, str]] = []  # figure, sqlite, postgres, target
@@ -132,16 +132,18 @@ def summary(results: dict[str, list[dict]], quick: bool, started: float, load: t
         lambda s: f"{_x(bt(s)['empty_ratio_to_raw'])} / {_x(bt(s)['big_ratio_to_raw'])}" if bt(s) else "—")
     add("big table: submit/s empty → big (big/empty)",
         lambda s: f"{_f(bt(s)['empty_submit_per_s'])} → {_f(bt(s)['big_submit_per_s'])} ({_x(bt(s)['big_ratio_submit'])})" if bt(s) else "—")
-    hz = by["horizon"].get("postgres")
-    if hz:
-        rows.append(("held horizon: resolved/s start → end (end/start)", "n/a (PG only)",
-                     f"{_f(hz['throughput_start_per_s'])} → {_f(hz['throughput_end_per_s'])} ({_x(hz['throughput_end_over_start'])})", ""))
-        rows.append(("held horizon: claim ms start → end (max)", "n/a",
-                     f"{hz['claim_ms_start']:.2f} → {hz['claim_ms_end']:.2f} ({_x(hz['claim_end_over_start'])}; max {hz['claim_ms_max']:.2f})", ""))
-        rows.append(("held horizon: buffers per claim start → end", "n/a", f"{hz['buffers_start']:,} → {hz['buffers_end']:,}", ""))
-        rows.append(("held horizon: table MB start → end; dead tuples", "n/a",
-                     f"{hz['table_mb_start']:.1f} → {hz['table_mb_end']:.1f}; {hz['dead_tuples_end']:,}", ""))
-        rows.append(("held horizon: lag p50 / p99 ms", "n/a", f"{_f(hz['lag_p50_ms'])} / {_f(hz['lag_p99_ms'])}", ""))
+    hz = lambda s: get("horizon", s)  # noqa: E731
+    add("held snapshot: resolved/s start → end (end/start)",
+        lambda s: f"{_f(hz(s)['throughput_start_per_s'])} → {_f(hz(s)['throughput_end_per_s'])} ({_x(hz(s)['throughput_end_over_start'])})" if hz(s) else "—")
+    add("held snapshot: claim ms start → end (end/start; p99 at the end; max)",
+        lambda s: f"{hz(s)['claim_ms_start']:.2f} → {hz(s)['claim_ms_end']:.2f} ({_x(hz(s)['claim_end_over_start'])}; p99 {_f(hz(s).get('claim_ms_p99_end'), '{:.2f}')}; max {hz(s)['claim_ms_max']:.2f})" if hz(s) else "—")
+    add("held snapshot: buffers per claim start → end (PG)",
+        lambda s: f"{hz(s)['buffers_start']:,} → {hz(s)['buffers_end']:,}" if hz(s) and "buffers_start" in hz(s) else "n/a")
+    add("held snapshot: table MB start → end; dead tuples (PG)",
+        lambda s: f"{hz(s)['table_mb_start']:.1f} → {hz(s)['table_mb_end']:.1f}; {hz(s)['dead_tuples_end']:,}" if hz(s) and "table_mb_start" in hz(s) else "n/a")
+    add("held snapshot: WAL MB start → end; database file MB at the end (SQLite)",
+        lambda s: f"{hz(s)['wal_mb_start']:.1f} → {hz(s)['wal_mb_end']:.1f}; {hz(s)['db_mb_end']:.1f}" if hz(s) and "wal_mb_start" in hz(s) else "n/a")
+    add("held snapshot: lag p50 / p99 ms", lambda s: f"{_f(hz(s)['lag_p50_ms'])} / {_f(hz(s)['lag_p99_ms'])}" if hz(s) else "—")
     sc = lambda s: get("scaling", s)  # noqa: E731
 
     def sc_cell(s: str, p: int, b: int) -> str:
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": lambda: latency.main(store_arg + common),
         "steady": lambda: steady.main(store_arg + common + q),
         "bigtable": lambda: bigtable.main(store_arg + common + q),
-        "horizon": lambda: horizon.main(common + q) if "postgres" in stores else [],
+        "horizon": lambda: horizon.main(store_arg + common + q),
         "scaling": lambda: scaling.main(store_arg + common + q),
         "memory": lambda: memory.main(store_arg + common + q),
     }

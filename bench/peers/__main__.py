@@ -1,9 +1,11 @@
 """The peers next to conveyor, in one invocation: drain (and latency) of the minimal bare loop, the raw
-loop, conveyor, PgQueuer, procrastinate, Celery and RQ, with every drain's ratio to the minimal loop.
+loop, conveyor, PgQueuer, procrastinate, Celery and RQ, with every drain's ratio to the minimal loop;
+then conveyor's held-snapshot run on each store.
 
     .venv/bin/python -m bench.peers [--n 20000] [--only minimal raw conveyor pgqueuer procrastinate celery rq]
                                     [--stores sqlite postgres] [--pgqueuer-batch 10 100 500]
                                     [--procrastinate-concurrency 10] [--latency-seconds 5 | --no-latency]
+                                    [--horizon-seconds 300]
 
 Runs with conveyor's venv (it imports conveyor for the conveyor, raw and minimal rows) and starts
 each peer in the peers' own venv (`make bench-peers-venv` → bench/peers/.venv, pinned in
@@ -23,7 +25,17 @@ minimal row; for each peer a PostgreSQL minimal run made right before its drain 
 too: the durable ceiling; Redis here does not persist), so that the machine's drift over the
 minutes of a run hits both. Latency (PostgreSQL
 and the peers only): submit → handler start with idle workers, 1 item / 5 ms from another process.
-One JSON line per row is appended to bench/results/peers.jsonl (with the load average).
+
+Held snapshot (when conveyor is among --only; --horizon-seconds, default 300, 0 skips it): after the
+table's runs, bench.horizon's run for conveyor on each of --stores: 2,000 items/s submitted by
+another process for --horizon-seconds while 2 worker processes drain them and another connection
+holds one read transaction open the whole time (PostgreSQL: REPEATABLE READ, vacuum cannot clean up
+behind it; SQLite: the WAL cannot be checkpointed past it). A second table: throughput and claim
+latency at the start and end of the run, claim p99 at the end, the table's (PostgreSQL) or the WAL's
+(SQLite) size at start and end.
+
+One JSON line per row, and one per held-snapshot run, is appended to bench/results/peers.jsonl (with
+the load average); both tables are written to bench/results/peers.md.
 """
 
 from __future__ import annotations
@@ -38,8 +50,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from .. import horizon, minimal, raw_postgres, raw_sqlite, throughput
 from .. import latency as latency_bench
-from .. import minimal, raw_postgres, raw_sqlite, throughput
 from ..common import PG_ADMIN_URL, RESULTS_DIR, base_line, fresh_url, pg_database, pg_problem, record, sqlite_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,6 +177,23 @@ def peer_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def horizon_rows(args: argparse.Namespace) -> list[dict]:
+    """Conveyor's held-snapshot run (bench.horizon) on each store, as result lines (a failed run: its error)."""
+    rows = []
+    for store in args.stores:
+        console.print(f"[bold]held snapshot[/] conveyor {store}: {horizon.RATE:,.0f} items/s for "
+                      f"{args.horizon_seconds:g} s, with {horizon.HOLD[store]} …")
+        try:
+            line = horizon.bench_store(store, args.pg, seconds=args.horizon_seconds, workload="peers")
+            line.pop("series")
+        except Exception as exc:
+            console.print(f"  [red]{type(exc).__name__}: {exc}[/]")
+            line = base_line("peers", store, args.pg, seconds=args.horizon_seconds, error=f"{type(exc).__name__}: {exc}")
+        line.update(system="conveyor", run="held snapshot")
+        rows.append(line)
+    return rows
+
+
 def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if r["system"] in OURS:
@@ -207,9 +236,17 @@ def table(rows: list[dict], n: int, load: tuple) -> Table:
     return t
 
 
-def markdown(rows: list[dict], n: int, load: tuple, took: float) -> str:
+HELD_TITLE = ("Held snapshot, conveyor: items submitted at a fixed rate while 2 worker processes drain them and "
+              "another connection holds one read transaction open for the whole run (PostgreSQL: REPEATABLE READ, "
+              "vacuum cannot clean up behind it; SQLite: the WAL cannot be checkpointed past it). resolved/s over "
+              "the first and last fifth of the run; claim ms: the workers' claim statement timed before and after "
+              "the run, p99 over the probes (every 5 s) of the last fifth")
+
+
+def markdown(rows: list[dict], n: int, load: tuple, took: float, held: list[dict]) -> str:
     """The table as the README and bench/README.md show it: one run, every ratio to the same store's
-    minimal loop (a peer's: to a PostgreSQL minimal run made right before its drain)."""
+    minimal loop (a peer's: to a PostgreSQL minimal run made right before its drain); then, if
+    they ran, conveyor's held-snapshot runs."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out = [f"One run of `make bench-peers` ({when}, {took / 60:.0f} min, load average {load[0]:.2f} at start): "
            f"{n:,} items, 2 worker processes, no-op handler.", "",
@@ -227,6 +264,8 @@ def markdown(rows: list[dict], n: int, load: tuple, took: float) -> str:
         out.append(f"| {r['system']} | {r['store']} | {short} | {r.get('submit_per_s') or 0:,.0f} | "
                    f"{r.get('drain_per_s') or 0:,.0f} | {times(r.get('ratio_to_minimal'))} | "
                    f"{lat} | {times(r.get('lat_p50_ratio_to_minimal'))} |")
+    if held:
+        out += ["", HELD_TITLE + ".", "", horizon.summary_markdown(held).rstrip("\n")]
     return "\n".join(out) + "\n"
 
 
@@ -235,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=20_000, help="items per drain (default %(default)s)")
     ap.add_argument("--only", nargs="+", choices=OURS + PEERS, default=list(OURS + PEERS))
     ap.add_argument("--stores", nargs="+", choices=("sqlite", "postgres"), default=["sqlite", "postgres"],
-                    help="stores for the minimal, raw and conveyor rows")
+                    help="stores for the minimal, raw and conveyor rows and the held-snapshot runs")
     ap.add_argument("--pgqueuer-batch", type=int, nargs="+", default=[10, 100, 500])
     ap.add_argument("--procrastinate-concurrency", type=int, nargs="+", default=[10])
     ap.add_argument("--no-adjacent-minimal", dest="adjacent_minimal", action="store_false",
@@ -243,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                          "against a minimal run made right before that peer's drain (the default)")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="0 for no latency runs")
     ap.add_argument("--no-latency", dest="latency_seconds", action="store_const", const=0.0)
+    ap.add_argument("--horizon-seconds", type=float, default=300.0,
+                    help="seconds of conveyor's held-snapshot run on each of --stores, when conveyor is among "
+                         "--only (bench.horizon; default %(default)g, 0 to skip it)")
     ap.add_argument("--peers-python", default=PEERS_PYTHON, help="the peers' venv python (default %(default)s)")
     ap.add_argument("--pg", default=PG_ADMIN_URL)
     ap.add_argument("--redis", default=os.environ.get("CONVEYOR_BENCH_REDIS", "redis://127.0.0.1:6379/5"),
@@ -250,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one peer run may take")
     ap.add_argument("--json-out", default=os.path.join(RESULTS_DIR, "peers.jsonl"), help="'' for none")
     ap.add_argument("--markdown-out", default=os.path.join(RESULTS_DIR, "peers.md"),
-                    help="the table as markdown, for the README ('' for none)")
+                    help="the tables as markdown, for the README ('' for none)")
     args = ap.parse_args(argv)
 
     problem = pg_problem(args.pg)
@@ -267,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         our_latency(args, rows)
     rows += peer_rows(args)
     add_ratios(rows)
+    held = horizon_rows(args) if args.horizon_seconds and "conveyor" in args.only else []
     for r in rows:
         line = base_line("peers", r["store"], args.pg, system=r["system"], items=args.n, processes=2)
         if r["store"] == "redis":
@@ -275,15 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         line["loadavg_5m_before"] = round(load[1], 2)
         line.update({k: v for k, v in r.items() if k not in ("system", "store")})
         record("peers", line, args.json_out)
+    for line in held:
+        record("peers", line, args.json_out)
     console.print(table(rows, args.n, load))
+    if held:
+        console.print(horizon.table(held, HELD_TITLE, detail=False))
     end = os.getloadavg()
     took = time.monotonic() - started
     console.print(f"took {took:.0f} s; load average after {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}")
     if args.markdown_out:
         with open(args.markdown_out, "w") as f:
-            f.write(markdown(rows, args.n, load, took))
+            f.write(markdown(rows, args.n, load, took, held))
         console.print(f"markdown table: {args.markdown_out}")
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r for r in rows + held) else 0
 
 
 if __name__ == "__main__":
