@@ -514,3 +514,38 @@ def test_conveyor_adopt_prints_then_applies_then_undoes(side, store_url, procs):
     both = procs("adopt", "rowsapp:app", "--apply", "--undo")
     out, err = both.communicate(timeout=60)
     assert both.returncode == 2 and "exclude each other" in err
+
+
+def test_postgres_enum_status_uuid_key_and_a_schema_qualified_table(side, store_url):
+    if side.sqlite:
+        pytest.skip("PostgreSQL only: enum types, uuid keys and schemas")
+    side.run("DROP SCHEMA IF EXISTS shop CASCADE")
+    side.run("CREATE SCHEMA shop")
+    side.run("CREATE TYPE shop.order_state AS ENUM ('new', 'assigning', 'assigned', 'unassignable', 'cancelled')")
+    side.run("CREATE TABLE shop.orders (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), restaurant_id int, "
+             "status shop.order_state NOT NULL DEFAULT 'new')")
+    side.run("INSERT INTO shop.orders (restaurant_id) SELECT i % 3 FROM generate_series(1, 30) AS i")
+    app = conveyor.App(store_url)
+    seen: list[Any] = []
+
+    @app.rows("shop.orders", **STATUS, key="restaurant_id", max_attempts=2, backoff_base=0.01)
+    def assign(item):
+        seen.append(item.id)
+        if item.payload["restaurant_id"] == 0 and item.attempts == 1:
+            raise ValueError("once")  # a retry: the CASE over enum values must be of the enum type
+
+    with pytest.raises(conveyor.UsageError, match="enum without the value"):
+        bad = conveyor.App(store_url)
+        bad.rows("shop.orders", **{**STATUS, "dead": "lost"})(lambda item: None)
+        bad.adopt()
+    app.adopt(apply=True)
+    app.run_worker(stop_when_empty=True)
+    import uuid
+
+    assert len(set(seen)) == 30 and all(isinstance(i, uuid.UUID) for i in seen)
+    assert side.run("SELECT status::text, count(*) FROM shop.orders GROUP BY 1") == [("assigned", 30)]
+    assert app.stats()["shop.orders"]["resolved"] == 30
+    app.adopt(undo=True)
+    assert side.run("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'shop.orders'::regclass AND NOT tgisinternal") == [(0,)]
+    side.run("DROP SCHEMA shop CASCADE")
+    app.close()

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import UsageError, shown
 from ..model import RowsTable
 from .postgres_queries import CHANNEL
-from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements
+from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
 
 COLUMN_TYPES = {
     "conveyor_token": "bigint",
@@ -38,6 +38,12 @@ def ids_param(ids: list[Any]) -> list[Any]:
 
 def when(value: Any) -> dt.datetime | None:
     return value
+
+
+def _cast(rows: RowsTable, info: TableInfo) -> str:
+    """`::<the status column's type>`: a CASE over the status values is then of the column's type
+    (an enum's, say), not text."""
+    return f"::{info.types[rows.status]}" if info.types.get(rows.status) else ""
 
 
 def _schema(table: str) -> str | None:
@@ -94,7 +100,8 @@ def adopt_ddl(rows: RowsTable, info: TableInfo, declaration: str | None) -> list
     """What adopting the table still needs, statement by statement (nothing already there);
     `declaration` None: it is recorded already."""
     t, s, p = quote(rows.table), quote(rows.status), quote(info.pk)
-    pend, work = literal(rows.pending), literal(rows.working)
+    values = status_literals(rows, _cast(rows, info))
+    pend, work = values["pending"], values["in_progress"]
     missing = [f"ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in COLUMN_TYPES.items() if name not in info.columns]
     out = [f"ALTER TABLE {t} " + ", ".join(missing)] if missing else []
     pending_cols = f"{p}, conveyor_run_at" + (f", {quote(rows.key)}" if rows.key else "")
@@ -142,7 +149,8 @@ class Statements:
 
     def __init__(self, rows: RowsTable, info: TableInfo):
         t, s, p = quote(rows.table), quote(rows.status), quote(info.pk)
-        pend, work = literal(rows.pending), literal(rows.working)
+        values = status_literals(rows, _cast(rows, info))
+        pend, work = values["pending"], values["in_progress"]
         self.pk = info.pk
         ids = f"%(ids)s::{info.pk_type}[]"
         fence = f"{p} = ANY({ids}) AND conveyor_token = %(token)s AND {s} = {work}"
@@ -163,7 +171,7 @@ class Statements:
         self.claim = claim.format(blocked="")
         self.claim_ordered = claim.format(blocked=blocked)
         expired = f"SELECT {p} FROM {t} WHERE {s} = {work} AND conveyor_lease_until < {NOW} FOR UPDATE SKIP LOCKED"
-        settle_statements(self, rows, info.pk, fence, expired, SPELLING)
+        settle_statements(self, rows, info.pk, fence, expired, SPELLING, values)
         self.get_many = f"SELECT {p} AS conveyor_pk, * FROM {t} WHERE {p} = ANY({ids})"
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} WHERE {s} = {work})")

@@ -58,6 +58,12 @@ def literal(value: str | int) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def status_literals(rows: RowsTable, cast: str = "") -> dict[str, str]:
+    """The status values as SQL literals, by the state each stands for; `cast` (PostgreSQL: the
+    column's type) makes a CASE over them, and a comparison, of the column's own type (an enum)."""
+    return {state: literal(v) + cast for state, v in rows.values.items()}
+
+
 def index_name(rows: RowsTable, kind: str) -> str:
     """The name of an index (or trigger) adopt creates for the table: <table>_conveyor_<kind>,
     cut to PostgreSQL's 63 bytes."""
@@ -78,13 +84,13 @@ class Spelling:
     false: str
 
 
-def settle_statements(st: Any, rows: RowsTable, pk: str, fence: str, expired: str, sp: Spelling) -> None:
+def settle_statements(st: Any, rows: RowsTable, pk: str, fence: str, expired: str, sp: Spelling,
+                      values: dict[str, str]) -> None:
     """The settles, alike on both dialects: each fenced (`fence`: the ids, the claim's token and
     the working value), each returning the keys it accepted. `expired` selects the rows rescue
-    takes back."""
+    takes back; `values`: the status values as the dialect writes them (status_literals)."""
     t, s, p = quote(rows.table), quote(rows.status), quote(pk)
-    pend, work, done, dead = (literal(v) for v in (rows.pending, rows.working, rows.done, rows.dead))
-    del work
+    pend, done, dead = values["pending"], values["resolved"], values["dead"]
     clear = "conveyor_owner = NULL, conveyor_lease_until = NULL"
     spent = f"CASE WHEN conveyor_attempts >= {sp.arg('max_attempts')} THEN {dead} ELSE {pend} END"
     st.resolve = f"UPDATE {t} SET {s} = {done}, {clear} WHERE {fence} RETURNING {p}"

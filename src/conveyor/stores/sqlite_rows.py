@@ -12,7 +12,7 @@ import orjson
 
 from ..errors import UsageError, shown
 from ..model import RowsTable
-from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements
+from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
 from .sqlite_queries import NOW
 
 # the columns adopt adds: what conveyor keeps of a row's claim, beside the application's columns
@@ -128,7 +128,7 @@ class Statements:
         self.claim = claim.format(blocked="")
         self.claim_ordered = claim.format(blocked=blocked)
         expired = f"SELECT {p} FROM {t} INDEXED BY {working_ix} WHERE {s} = {work} AND conveyor_lease_until < {NOW}"
-        settle_statements(self, rows, info.pk, fence, expired, SPELLING)
+        settle_statements(self, rows, info.pk, fence, expired, SPELLING, status_literals(rows))
         self.get_many = f"SELECT {p} AS conveyor_pk, * FROM {t} WHERE {p} IN (SELECT value FROM json_each(:ids))"
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {pending_ix} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} INDEXED BY {working_ix} WHERE {s} = {work})")
