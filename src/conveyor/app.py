@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import inspect
 import itertools
@@ -19,7 +20,7 @@ from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
 from .durations import Duration, to_seconds
 from .errors import StoreError, UsageError, shown
-from .model import Item, NewItem, Processor, QueueOptions, RowsTable
+from .model import Item, Limits, NewItem, Processor, QueueOptions, Rate, RowsTable
 from .stores import Store, describe_database, open_store
 from .stores.rows import RowsStore, adopt_statements, adopted_tables, apply_statements, row_counts
 from .worker import Crew, Worker, run_supervised
@@ -163,6 +164,41 @@ def _status_value(value: Any, what: str, where: str) -> str | int:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any, what: str, where: str) -> Rate:
+    """'50/s', '300/m', '1000/h' → Rate(count, period seconds)."""
+    m = _RATE.match(value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) < 1:
+        raise UsageError(f"{where}: {what} must be a count per second, minute or hour such as '50/s', '300/m' or "
+                         f"'1000/h', not {shown(value)}")
+    return Rate(int(m.group(1)), _PERIODS[m.group(2)])
+
+
+def check_limits(where: str, *, ordered: bool, max_in_progress: Any, key_concurrency: Any, rate_limit: Any,
+                 key_rate_limit: Any, fair: Any) -> Limits | None:
+    """A processor's flow control, each setting checked (one error naming the first that is wrong);
+    None when it has none."""
+    for name, value in (("max_in_progress", max_in_progress), ("key_concurrency", key_concurrency)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{where}: {name} must be an integer >= 1 or None, not {shown(value)}")
+    if not isinstance(fair, bool):
+        raise UsageError(f"{where}: fair must be True or False, not {shown(fair)}")
+    if ordered and key_concurrency not in (None, 1):
+        raise UsageError(f"{where}: ordered=True runs one item of a key at a time: key_concurrency={key_concurrency} "
+                         "contradicts it (drop ordered to let several run)")
+    if ordered and fair:
+        raise UsageError(f"{where}: fair=True with ordered=True: an ordered claim already takes the head of every key")
+    limits = Limits(
+        max_in_progress=max_in_progress, key_concurrency=None if ordered else key_concurrency,
+        rate_limit=None if rate_limit is None else parse_rate(rate_limit, "rate_limit", where),
+        key_rate_limit=None if key_rate_limit is None else parse_rate(key_rate_limit, "key_rate_limit", where),
+        fair=fair)
+    return limits if limits != Limits() else None
+
+
 def _queue_options(where: str, queue: str, *, batch_size: Any, concurrency: Any, lease_seconds: Any,
                    max_attempts: Any, batch: bool, ordered: bool, transactional: bool, backoff_base: Any,
                    backoff_max: Any, timeout_seconds: Any) -> QueueOptions:
@@ -249,15 +285,26 @@ class App:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         timeout_seconds: float | None = None,
+        max_in_progress: int | None = None,
+        key_concurrency: int | None = None,
+        rate_limit: str | None = None,
+        key_rate_limit: str | None = None,
+        fair: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register the decorated function as the handler of `queue`."""
+        """Register the decorated function as the handler of `queue`. Flow control, enforced by
+        the store across every worker and machine: `max_in_progress` (items of the queue running
+        at once), `key_concurrency` (of one key), `rate_limit` / `key_rate_limit` ("50/s", "300/m",
+        "1000/h": starts per period, by the database's clock), `fair` (claims go round the keys)."""
         check_queue_name(queue)
+        where = f"processor for queue {shown(queue)}"
         options = _queue_options(
-            f"processor for queue {shown(queue)}", queue, batch_size=batch_size, concurrency=concurrency,
+            where, queue, batch_size=batch_size, concurrency=concurrency,
             lease_seconds=lease_seconds, max_attempts=max_attempts, batch=batch, ordered=ordered,
             transactional=transactional, backoff_base=backoff_base, backoff_max=backoff_max,
             timeout_seconds=timeout_seconds)
-        return self._registering(options, None)
+        limits = check_limits(where, ordered=ordered, max_in_progress=max_in_progress, key_concurrency=key_concurrency,
+                              rate_limit=rate_limit, key_rate_limit=key_rate_limit, fair=fair)
+        return self._registering(dataclasses.replace(options, limits=limits), None)
 
     def rows(
         self,
@@ -490,6 +537,20 @@ class App:
         is there too, its rows counted by what their status value stands for, with `rows: True`
         and `other`: rows whose status is the application's own (a cancelled order, say)."""
         stats = self.store.stats(queues)
+        for control in self.store.controls() if stats else []:
+            entry = stats.get(control["queue"])
+            if entry is None:
+                continue
+            if control["key"] is None:
+                entry["paused"] = entry.get("paused", False) or control["paused"]
+                if control["held_until"]:
+                    entry["held_until"] = control["held_until"]
+            else:
+                field = "paused_keys" if control["paused"] else "held_keys"
+                entry.setdefault(field, []).append(control["key"])
+        for p in self.processors.values():
+            if p.options.limits is not None and p.queue in stats:
+                stats[p.queue]["limits"] = p.options.limits.describe()
         tables = adopted_tables(self.store) | {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
         for name, rows in tables.items():
             if queues is None or name in queues:
@@ -518,6 +579,25 @@ class App:
 
     def cancel(self, item_id: int) -> None:
         self.store.cancel(item_id)
+
+    # -- flow control ---------------------------------------------------------------------------
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Claim nothing more of `queue` (or, with `key`, of that key of it) on any worker until
+        resume(); items already running finish."""
+        check_queue_name(queue)
+        self.store.pause(queue, _optional_text(key, "key", "pause"))
+
+    def resume(self, queue: str, key: str | None = None) -> bool:
+        """Undo pause(queue, key); returns whether it was paused."""
+        check_queue_name(queue)
+        was = self.store.resume(queue, _optional_text(key, "key", "resume"))
+        self.wakeup.set()
+        return was
+
+    def controls(self) -> list[dict[str, Any]]:
+        """What is paused or held now: [{queue, key (None: the whole queue), paused, held_until
+        (unix seconds, while a Backoff holds it), reason}]."""
+        return self.store.controls()
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         """Send dead and cancelled items of a queue back to pending with fresh attempts; returns how

@@ -366,7 +366,27 @@ def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
                       format_age(s["oldest_pending_seconds"]), f"{s['resolved_last_minute']:,}")
     if not stats:
         table.add_row("(no items yet)", *[""] * (len(STATES) + 2))
+    notes = [note for queue, s in stats.items() for note in flow_notes(queue, s)]
+    if notes:
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
     return table
+
+
+def flow_notes(queue: str, s: dict[str, Any]) -> list[str]:
+    """What holds a queue back, for status: paused, held by a Backoff, limited."""
+    notes = []
+    if s.get("paused"):
+        notes.append(f"{queue}: paused (conveyor resume {queue})")
+    if s.get("held_until"):
+        notes.append(f"{queue}: held by a Backoff for {format_age(max(0.0, s['held_until'] - time.time()))}")
+    for field, what in (("paused_keys", "paused keys"), ("held_keys", "keys held by a Backoff")):
+        if s.get(field):
+            keys = s[field]
+            notes.append(f"{queue}: {what}: {', '.join(keys[:10])}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else ""))
+    if s.get("limits"):
+        notes.append(f"{queue}: limited: " + ", ".join(f"{k}={v}" for k, v in s["limits"].items()))
+    return notes
 
 
 @main.command()
@@ -424,6 +444,32 @@ def every_second_until_stopped() -> Iterator[None]:
 
 
 # -- operators ------------------------------------------------------------------------------------
+@main.command()
+@global_options
+@click.argument("queue")
+@click.option("--key", default=None, help="Only this key of the queue (one tenant, one restaurant).")
+@click.pass_context
+@friendly
+def pause(ctx: click.Context, queue: str, key: str | None) -> None:
+    """Claim nothing more of QUEUE (or of one key of it) on any worker; running items finish."""
+    app_from(ctx).pause(queue, key)
+    click.echo(f"paused {queue!r}" + (f" key {key!r}" if key is not None else "") + ": nothing more of it starts "
+               f"until `conveyor resume {queue}" + (f" --key {key}" if key is not None else "") + "`")
+
+
+@main.command()
+@global_options
+@click.argument("queue")
+@click.option("--key", default=None, help="Only this key of the queue.")
+@click.pass_context
+@friendly
+def resume(ctx: click.Context, queue: str, key: str | None) -> None:
+    """Let workers claim QUEUE (or one key of it) again after `conveyor pause`."""
+    was = app_from(ctx).resume(queue, key)
+    what = f"{queue!r}" + (f" key {key!r}" if key is not None else "")
+    click.echo(f"resumed {what}" if was else f"{what} was not paused")
+
+
 @main.command()
 @global_options
 @click.argument("queue")

@@ -134,6 +134,20 @@ class Store(WorkerStore, Protocol):
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         """dead / cancelled → pending with fresh attempts; returns how many."""
 
+    # -- flow control ---------------------------------------------------------------------------
+    def backoff(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
+        """(id, token, seconds, scope): back to pending after `seconds` without spending an
+        attempt; the item's key ("key") or queue ("queue") held as long. Returns refused ids."""
+
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Claim nothing of the queue (or of one key of it) until resumed."""
+
+    def resume(self, queue: str, key: str | None = None) -> bool:
+        """Undo pause(); returns whether it was paused."""
+
+    def controls(self) -> list[dict[str, Any]]:
+        """What pauses or holds something now: [{queue, key, paused, held_until, reason}]."""
+
     # -- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:
         """Close every connection this store opened."""

@@ -17,6 +17,7 @@ and the log says why once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import StoreError, UsageError
-from ..model import Claim, Item, Outcomes, Processor, error_headline
+from ..model import Item, Outcomes, Processor, error_headline
 from ..stores.base import WorkerStore
 from .keeper import Keeper, Watchdog
 from .lanes import IDLE_MAX, Lane
@@ -127,7 +128,7 @@ class Worker:
         on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
         dying: dict[int, tuple[Lane, Item, str]] = {}
         stale: set[tuple[int, int]] = set()
-        entries = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+        entries = [e for part in (out.resolved, out.retried, out.failed, out.released, out.backedoff) for e in part]
         if out:
             dying = self._dying(out)
             stale = self._stale(entries)
@@ -135,9 +136,7 @@ class Worker:
                 if lane.inflight and lane.settled(entries) and lane.opts.ordered:
                     lane.dry = False  # settling may unblock the next item of a key: claim again
         wants = self._wants()
-        claims = [lane.claim if n == lane.claim.limit else Claim(
-            lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
-            for lane, n in wants]
+        claims = [lane.claim if n == lane.claim.limit else dataclasses.replace(lane.claim, limit=n) for lane, n in wants]
         self._unsettled_dying, self._unsettled_stale = dying, stale
         lost, batches = self.store.settle_and_claim(out, claims, self.name)
         self._unsettled_dying, self._unsettled_stale = {}, set()
@@ -155,6 +154,7 @@ class Worker:
         dead = [entry for i, entry in dying.items() if (i, entry[1].claim_token) not in refused]
         self.outcomes.count("resolved", len(kept(out.resolved)))
         self.outcomes.count("released", len(kept(out.released)))
+        self.outcomes.count("backedoff", len(kept(out.backedoff)))
         self.outcomes.count("retried", sum(1 for e in kept(out.retried) if not last_run(e)))
         self.outcomes.count("dead", len(dead) + sum(1 for e in kept(out.failed) if not last_run(e)))
         for lane, item, error in dead:
