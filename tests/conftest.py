@@ -60,6 +60,8 @@ def _pg_reset(url: str) -> None:
         exists = conn.execute("SELECT to_regclass('conveyor_items')").fetchone()[0]
         if exists:
             conn.execute("TRUNCATE conveyor_items RESTART IDENTITY")
+        if conn.execute("SELECT to_regclass('conveyor_periodic')").fetchone()[0]:
+            conn.execute("TRUNCATE conveyor_periodic")
 
 
 @pytest.fixture(params=STORES)

@@ -100,6 +100,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE finished_at IS NOT NULL;
         """,
     ),
+    (
+        5,
+        "periodic schedules: each one's last tick",
+        # One row per schedule (app.periodic), advanced by a compare-and-set on `version` in the
+        # transaction that submits its tick's item (see stores/schedules.py). Items are purged and
+        # pruned; this row stays, so a tick is never submitted twice.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_periodic (
+            queue      TEXT    NOT NULL,
+            name       TEXT    NOT NULL,
+            schedule   TEXT    NOT NULL,
+            last_tick  REAL    NOT NULL,
+            next_tick  REAL,
+            version    INTEGER NOT NULL DEFAULT 1,
+            updated_at REAL    NOT NULL,
+            PRIMARY KEY (queue, name)
+        )
+        """,
+    ),
 ]
 
 _CLAIM_SET = """
@@ -318,3 +337,12 @@ RECORD_MIGRATION = f"INSERT INTO conveyor_migrations (version, name, applied_at)
 HAS_MIGRATIONS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_migrations'"
 HAS_ITEMS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_items'"
 ANALYZE_AFTER_MIGRATION = "ANALYZE"
+
+# -- periodic schedules (stores/schedules.py) ---------------------------------------------------
+SCHEDULES = "SELECT queue, name, schedule, last_tick, next_tick, version, updated_at FROM conveyor_periodic ORDER BY queue, name"
+# [queue, name, schedule, last_tick, next_tick]: no row back if another worker stored it first
+SCHEDULE_CREATE = f"""INSERT INTO conveyor_periodic (queue, name, schedule, last_tick, next_tick, updated_at)
+VALUES (?, ?, ?, ?, ?, {NOW}) ON CONFLICT (queue, name) DO NOTHING RETURNING version"""
+# [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
+SCHEDULE_ADVANCE = f"""UPDATE conveyor_periodic SET schedule = ?, last_tick = ?, next_tick = ?, version = version + 1,
+       updated_at = {NOW} WHERE queue = ? AND name = ? AND version = ? RETURNING version"""
