@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,cron]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -30,11 +30,11 @@ bench: $(BIN)/.installed
 # the whole suite, both stores (bench/README.md); needs the bench extras (matplotlib for the chart)
 .PHONY: bench-all bench-quick
 bench-all: $(BIN)/.installed
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,cron,bench]"
 	$(BIN)/python -m bench
 
 bench-quick: $(BIN)/.installed
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,cron,bench]"
 	$(BIN)/python -m bench --quick
 
 clean:

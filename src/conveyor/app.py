@@ -21,6 +21,7 @@ from .codec import encode as _encode
 from .durations import Duration, to_seconds
 from .errors import StoreError, UsageError, shown
 from .model import Item, Limits, NewItem, Processor, QueueOptions, Rate, RowsTable
+from .periodic import DEFAULT_GRACE, Periodic, ScheduleState, kept_by, make_periodic
 from .stores import Store, describe_database, open_store
 from .stores.rows import RowsStore, adopt_statements, adopted_tables, apply_statements, row_counts
 from .worker import Crew, Worker, run_supervised
@@ -235,6 +236,8 @@ class App:
         #: never create, migrate or write the database (status, items, show, a dashboard's reads)
         self.read_only = read_only
         self.processors: dict[str, Processor] = {}
+        #: periodic schedules by (queue, name): see periodic()
+        self.periodics: dict[tuple[str, str], Periodic] = {}
         #: MODULE:APP when the CLI loaded this App (messages then name the exact command to run)
         self.spec: str | None = None
         self._store: Store | None = None
@@ -357,6 +360,9 @@ class App:
         queue = options.queue
         if queue in self.processors:
             raise UsageError(f"{'table' if rows else 'queue'} {shown(queue)}: a processor is already registered for it")
+        if rows and any(q == queue for q, _ in self.periodics):
+            raise UsageError(f"table {shown(queue)}: a periodic schedule submits to a queue of that name; rows "
+                             "processed in place cannot take periodic items")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_handler(fn, options)
@@ -365,6 +371,61 @@ class App:
             return fn
 
         return register
+
+    # -- periodic items ---------------------------------------------------------------------------
+    def periodic(
+        self,
+        queue: str,
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        payload: Any = None,
+        key: str | None = None,
+        priority: int = 0,
+        name: str | None = None,
+        offset: Duration | None = None,
+        timezone: str | None = None,
+        catch_up: str = "latest",
+        grace: Duration = DEFAULT_GRACE,
+    ) -> Periodic:
+        """Submit one item to `queue` per tick of a schedule: `cron` (a cron line, in `timezone`,
+        default UTC; needs conveyor[cron]) or `every` (an interval: a timedelta, seconds or '5m';
+        ticks at the multiples of it since the unix epoch, plus `offset`). Each item carries
+        `payload`, `key` and `priority`, its tick as run_at, and `periodic:<name>:<tick>` as its
+        dedup key; `name` (default: the queue) tells several schedules of one queue apart.
+
+        The App's workers keep the schedule, judging ticks by the database's clock: exactly one
+        item per tick across every worker and machine. Ticks missed while no worker ran (the oldest
+        more than `grace` late, default 10 s) become one item, for the latest of them, with
+        catch_up="latest" (the default), or none with catch_up="none". A worker keeps the schedules
+        of the queues it works on, and those whose queue has no processor on this App."""
+        check_queue_name(queue)
+        where = f"periodic for queue {shown(queue)}" + ("" if name is None else f" named {shown(name)}")
+        processor = self.processors.get(queue)
+        if processor is not None and processor.rows is not None:
+            raise UsageError(f"{where}: {shown(queue)} is a table processed in place (@app.rows); periodic items go "
+                             "to a queue")
+        periodic = make_periodic(
+            queue, cron=cron, every=every, payload_json=encode_payload(payload, where),
+            key=_optional_text(key, "key", where), priority=check_priority(priority, where), name=name,
+            offset=offset, timezone=timezone, catch_up=catch_up, grace=grace, where=where)
+        if (queue, periodic.name) in self.periodics:
+            raise UsageError(f"{where}: queue {shown(queue)} has a periodic schedule named {shown(periodic.name)} already; "
+                             "give this one another name=")
+        self.periodics[(queue, periodic.name)] = periodic
+        return periodic
+
+    def periodics_for(self, queues: Sequence[str] | None = None) -> list[Periodic]:
+        """The schedules a worker for these queues keeps (default: all of them): those of its
+        queues, and those whose queue has no processor on this App."""
+        processed = {q for q, p in self.processors.items() if p.rows is None}
+        worked = set(queues) if queues else processed
+        return kept_by(list(self.periodics.values()), worked, processed)
+
+    def schedules(self) -> tuple[float, list[ScheduleState]]:
+        """The database's clock (unix seconds) and the periodic schedules it holds, as workers
+        kept them (whatever App declared them): each one's last tick, next tick and description."""
+        return self.store.schedules()
 
     def processors_for(self, queues: Sequence[str] | None = None) -> list[Processor]:
         """The processors a worker for these queues runs (default: all), or a UsageError naming
@@ -632,12 +693,15 @@ class App:
         prune_after, name, heartbeat_interval, rescue_interval). run_worker() runs one."""
         chosen = self.processors_for(queues)
         plain = [p for p in chosen if p.rows is None]
-        workers = [Worker(self.store, plain, self.wakeup, **options)] if plain else []
+        # the periodic schedules go with the first worker, on the App's store
+        periodic: dict[str, Any] = {"periodics": self.periodics_for(queues), "schedule_store": self.store}
+        workers = [Worker(self.store, plain, self.wakeup, **options, **periodic)] if plain else []
         for p in chosen:
             if p.rows is not None:  # each table on a worker of its own: a row's key is not an item id
                 adopt = f"conveyor adopt {self.spec or 'MODULE:APP'} --table {p.queue}"
                 store = RowsStore(self.store, p.rows, p.options, command=adopt)
-                workers.append(Worker(store, [p], threading.Event(), **{**options, "prune_after": None}))
+                extra = {} if workers else periodic
+                workers.append(Worker(store, [p], threading.Event(), **{**options, "prune_after": None}, **extra))
         return workers[0] if len(workers) == 1 else Crew(workers)  # type: ignore[return-value]
 
     def run_worker(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -389,6 +389,34 @@ def flow_notes(queue: str, s: dict[str, Any]) -> list[str]:
     return notes
 
 
+def schedules_table(app: App, queues: list[str] | None) -> Table | None:
+    """The periodic schedules the database holds (of these queues): each one's last and next tick.
+    A next tick long past means no worker keeps the schedule now."""
+    now, states = app.schedules()
+    states = [s for s in states if queues is None or s.queue in queues]
+    if not states:
+        return None
+    table = Table(title="periodic schedules", title_justify="left")
+    for column in ("queue", "name", "schedule", "last tick (UTC)", "next tick (UTC)"):
+        table.add_column(column, style="bold" if column == "queue" else None)
+    table.add_column("next in", justify="right")
+
+    def moment(seconds: float | None) -> str:
+        return "-" if seconds is None else short_time(dt.datetime.fromtimestamp(seconds, dt.UTC))
+
+    for s in states:
+        due = "-" if s.next_tick is None else (
+            format_age(s.next_tick - now) if s.next_tick >= now else f"overdue {format_age(now - s.next_tick)}")
+        table.add_row(s.queue, s.name, s.schedule, moment(s.last_tick), moment(s.next_tick), due)
+    return table
+
+
+def status_view(app: App, stats: dict[str, dict[str, Any]], queues: list[str] | None, where: str) -> RenderableType:
+    table = status_table(stats, where)
+    schedules = schedules_table(app, queues)
+    return table if schedules is None else Group(table, schedules)
+
+
 @main.command()
 @global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON (the same mapping as app.stats()).")
@@ -397,7 +425,7 @@ def flow_notes(queue: str, s: dict[str, Any]) -> list[str]:
 @click.pass_context
 @friendly
 def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...]) -> None:
-    """Counts by state, oldest pending age and throughput per queue."""
+    """Counts by state, oldest pending age and throughput per queue; the periodic schedules."""
     app = app_from(ctx, read_only=True)
     for queue in queues:
         check_queue_name(queue)
@@ -417,11 +445,11 @@ def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ..
         return
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if not watch:
-        console.print(status_table(stats, where))
+        console.print(status_view(app, stats, asked, where))
         return
-    with Live(status_table(stats, where), console=console, auto_refresh=False) as live:
+    with Live(status_view(app, stats, asked, where), console=console, auto_refresh=False) as live:
         for _ in every_second_until_stopped():
-            live.update(status_table(app.stats(asked), where), refresh=True)
+            live.update(status_view(app, app.stats(asked), asked, where), refresh=True)
 
 
 def every_second_until_stopped() -> Iterator[None]:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..model import Claim, Item, NewItem, Outcomes, Token
+from ..periodic import ScheduleState
 
 
 @runtime_checkable
@@ -76,7 +77,24 @@ class WorkerStore(Protocol):
 
 
 @runtime_checkable
-class Store(WorkerStore, Protocol):
+class ScheduleStore(Protocol):
+    """What a worker keeping periodic schedules asks of a store (stores/schedules.py)."""
+
+    def schedules(self) -> tuple[float, list[ScheduleState]]:
+        """The database's clock (unix seconds) and every periodic schedule's stored state."""
+
+    def advance_schedule(self, queue: str, name: str, version: int | None, last_tick: float, next_tick: float,
+                         schedule: str, items: Sequence[NewItem]) -> list[int | None] | None:
+        """Compare-and-set: if the schedule's stored version is still `version` (None: not stored
+        yet), record `last_tick` (and `next_tick`, `schedule` as status shows them) and submit
+        `items`, in one transaction; returns their ids, or None if another worker was first."""
+
+    def disconnect(self) -> None:
+        """Close the calling thread's connection."""
+
+
+@runtime_checkable
+class Store(WorkerStore, ScheduleStore, Protocol):
     """Everything the App asks of a database (the worker's part is WorkerStore)."""
 
     # -- step 0: submit -----------------------------------------------------------------------

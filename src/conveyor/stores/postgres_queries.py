@@ -109,8 +109,27 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (
         6,
+        "periodic schedules: each one's last tick",
+        # One row per schedule (app.periodic), advanced by a compare-and-set on `version` in the
+        # transaction that submits its tick's item (see stores/schedules.py). Items are purged and
+        # pruned; this row stays, so a tick is never submitted twice.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_periodic (
+            queue      TEXT        NOT NULL,
+            name       TEXT        NOT NULL,
+            schedule   TEXT        NOT NULL,
+            last_tick  TIMESTAMPTZ NOT NULL,
+            next_tick  TIMESTAMPTZ,
+            version    BIGINT      NOT NULL DEFAULT 1,
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT statement_timestamp(),
+            PRIMARY KEY (queue, name)
+        );
+        """,
+    ),
+    (
+        7,
         "flow control: pauses and holds, and the rate limiters' state",
-        # As SQLite's migration 5; times are unix seconds (double precision) so the rate limiter's
+        # As SQLite's migration 6; times are unix seconds (double precision) so the rate limiter's
         # arithmetic is the same on both stores.
         """
         CREATE TABLE IF NOT EXISTS conveyor_controls (
@@ -552,3 +571,15 @@ RESUME = "UPDATE conveyor_controls SET paused = false, updated_at = now() WHERE 
 FORGET_CONTROLS = "DELETE FROM conveyor_controls WHERE queue = %s AND NOT paused AND (held_until IS NULL OR held_until <= %s)"
 CONTROLS = ("SELECT queue, scope, key, paused, held_until, reason FROM conveyor_controls "
             "WHERE paused OR held_until > %s ORDER BY queue, scope, key")
+
+# -- periodic schedules (stores/schedules.py) ---------------------------------------------------
+CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"  # the database clock, unix seconds
+SCHEDULES = """SELECT queue, name, schedule, extract(epoch FROM last_tick)::float8, extract(epoch FROM next_tick)::float8,
+       version, extract(epoch FROM updated_at)::float8 FROM conveyor_periodic ORDER BY queue, name"""
+# [queue, name, schedule, last_tick, next_tick]: no row back if another worker stored it first
+SCHEDULE_CREATE = """INSERT INTO conveyor_periodic (queue, name, schedule, last_tick, next_tick)
+VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s)) ON CONFLICT (queue, name) DO NOTHING RETURNING version"""
+# [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
+SCHEDULE_ADVANCE = """UPDATE conveyor_periodic SET schedule = %s, last_tick = to_timestamp(%s), next_tick = to_timestamp(%s),
+       version = version + 1, updated_at = statement_timestamp() WHERE queue = %s AND name = %s AND version = %s
+RETURNING version"""

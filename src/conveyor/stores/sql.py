@@ -21,6 +21,7 @@ from ..errors import ConveyorError, ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, Token
 from .common import list_args, newest_first, row_to_item
 from .controls import limited_claim
+from .schedules import ScheduleQueries
 
 #: a forked child's copies of its parent's connections: kept referenced, never closed (closing
 #: would end the parent's session, or crash on a sqlite3 handle another process owns)
@@ -31,6 +32,7 @@ TRANSLATED = (
     "migrate", "submit_many", "submit_payloads", "find_dedup", "claim", "resolve", "retry", "fail", "release",
     "settle_and_claim", "extend_leases", "rescue_expired", "get", "get_many", "stats", "has_work", "cancel", "requeue",
     "purge", "wait_for_change", "list_items", "resolve_in", "backoff", "pause", "resume", "controls",
+    "schedules", "advance_schedule",  # schedules.ScheduleQueries
 )
 
 
@@ -57,7 +59,7 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class SQLStore:
+class SQLStore(ScheduleQueries):
     """The shared half of a SQL store. Subclasses set `queries`, `driver_error` and `where`."""
 
     #: the dialect's statements (sqlite_queries, postgres_queries)

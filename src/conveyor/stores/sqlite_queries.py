@@ -102,6 +102,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (
         5,
+        "periodic schedules: each one's last tick",
+        # One row per schedule (app.periodic), advanced by a compare-and-set on `version` in the
+        # transaction that submits its tick's item (see stores/schedules.py). Items are purged and
+        # pruned; this row stays, so a tick is never submitted twice.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_periodic (
+            queue      TEXT    NOT NULL,
+            name       TEXT    NOT NULL,
+            schedule   TEXT    NOT NULL,
+            last_tick  REAL    NOT NULL,
+            next_tick  REAL,
+            version    INTEGER NOT NULL DEFAULT 1,
+            updated_at REAL    NOT NULL,
+            PRIMARY KEY (queue, name)
+        )
+        """,
+    ),
+    (
+        6,
         "flow control: pauses and holds, and the rate limiters' state",
         # A row per paused or held queue (scope 'queue', key '') or key (scope 'key'): claims skip
         # what is paused, or held until later. A rate limiter's state (GCRA: the theoretical arrival
@@ -411,3 +430,12 @@ FORGET_CONTROLS = "DELETE FROM conveyor_controls WHERE queue = ? AND paused = 0 
 # [now]: what pauses or holds something now, for status
 CONTROLS = ("SELECT queue, scope, key, paused, held_until, reason FROM conveyor_controls "
             "WHERE paused = 1 OR held_until > ? ORDER BY queue, scope, key")
+
+# -- periodic schedules (stores/schedules.py) ---------------------------------------------------
+SCHEDULES = "SELECT queue, name, schedule, last_tick, next_tick, version, updated_at FROM conveyor_periodic ORDER BY queue, name"
+# [queue, name, schedule, last_tick, next_tick]: no row back if another worker stored it first
+SCHEDULE_CREATE = f"""INSERT INTO conveyor_periodic (queue, name, schedule, last_tick, next_tick, updated_at)
+VALUES (?, ?, ?, ?, ?, {NOW}) ON CONFLICT (queue, name) DO NOTHING RETURNING version"""
+# [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
+SCHEDULE_ADVANCE = f"""UPDATE conveyor_periodic SET schedule = ?, last_tick = ?, next_tick = ?, version = version + 1,
+       updated_at = {NOW} WHERE queue = ? AND name = ? AND version = ? RETURNING version"""
