@@ -1,4 +1,5 @@
-# The two quick-start commands (`make demo`, `make test`) install what they need into .venv first.
+# The two quick-start commands (`make demo`, `make test`) install what they need into .venv first:
+# conveyor with its test tools and the demo extra (scipy, for the demo's matching; test_demo runs it).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,demo]"
 	touch $@
 
 install: $(BIN)/.installed
