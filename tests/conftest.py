@@ -60,7 +60,7 @@ def _pg_reset(url: str) -> None:
         exists = conn.execute("SELECT to_regclass('conveyor_items')").fetchone()[0]
         if exists:
             conn.execute("TRUNCATE conveyor_items RESTART IDENTITY")
-        for table in ("conveyor_controls", "conveyor_rates", "conveyor_periodic"):  # flow control, schedules
+        for table in ("conveyor_controls", "conveyor_rates", "conveyor_periodic", "conveyor_adopted"):
             if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
                 conn.execute(f"TRUNCATE {table}")
 

@@ -612,8 +612,12 @@ class App:
         for p in self.processors.values():
             if p.options.limits is not None and p.queue in stats:
                 stats[p.queue]["limits"] = p.options.limits.describe()
-        tables = adopted_tables(self.store) | {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
-        for name, rows in tables.items():
+        declared = {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
+        # a table adopted by another app whose name is also a queue of items here: the queue's
+        # figures stay (this App does not process that table)
+        adopted = {name: rows for name, rows in adopted_tables(self.store).items()
+                   if name not in stats or not stats[name]["total"]}
+        for name, rows in (adopted | declared).items():
             if queues is None or name in queues:
                 stats[name] = row_counts(self.store, rows)
         return stats
