@@ -203,6 +203,22 @@ def create_app(app: App, *, known_queues: bool = False, tokens: Tokens | None = 
     def metrics() -> Response:
         return Response(exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    base_openapi = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the submit body's models (the route reads its body itself, to
+        tell a list from one item and name the field at fault) and the bearer scheme."""
+        if api.openapi_schema is None:
+            schema = base_openapi()
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(
+                MANY.json_schema(ref_template="#/components/schemas/{model}")["$defs"])
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            if tokens.enabled:
+                schema["security"] = [{"bearer": []}]
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
     add_dashboard(api, app, known_queues)
     gated = TokenGate(api, tokens, sign_in_page)
     return BodyLimit(gated, max_body)
