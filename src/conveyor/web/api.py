@@ -208,7 +208,8 @@ def create_app(app: App, *, known_queues: bool = False, tokens: Tokens | None = 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, plus the submit body's models (the route reads its body itself, to
         tell a list from one item and name the field at fault) and the bearer scheme."""
-        if api.openapi_schema is None:
+        schema = api.openapi_schema
+        if schema is None:
             schema = base_openapi()
             components = schema.setdefault("components", {})
             components.setdefault("schemas", {}).update(
@@ -216,7 +217,7 @@ def create_app(app: App, *, known_queues: bool = False, tokens: Tokens | None = 
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             if tokens.enabled:
                 schema["security"] = [{"bearer": []}]
-        return api.openapi_schema
+        return schema
 
     api.openapi = openapi  # type: ignore[method-assign]
     add_dashboard(api, app, known_queues)

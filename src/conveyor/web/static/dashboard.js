@@ -91,6 +91,7 @@ function drawChart(canvas, t, series, unit) {
   ctx.font = "11px system-ui"; ctx.fillStyle = "#6b7280"; ctx.strokeStyle = "#e3e5ea";
   let max = 0;
   for (const values of Object.values(series)) for (const v of values) if (v !== null && v > max) max = v;
+  canvas.dataset.peak = String(max);
   max = max > 0 ? max * 1.1 : 1;
   for (let i = 0; i <= 4; i++) {
     const y = (h - bottom) * (1 - i / 4);
@@ -116,6 +117,7 @@ function drawChart(canvas, t, series, unit) {
 function renderHistory(history) {
   const names = Object.keys(history.queues);
   const pick = (what) => Object.fromEntries(names.map((n) => [n, history.queues[n][what]]));
+  $("#throughput").dataset.samples = String(history.t.length);
   drawChart($("#throughput"), history.t, pick("throughput"), "/s");
   drawChart($("#lag"), history.t, pick("lag"), "s");
   $("#legend").replaceChildren(...names.map((n, k) =>
