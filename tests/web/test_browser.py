@@ -14,10 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 import conveyor
-from conveyor.model import Claim, STATES
-from waiting import wait_until
+from conveyor.model import STATES, Claim
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "dashboard-test-token-0123456789"
