@@ -1,4 +1,5 @@
-# The two quick-start commands (`make demo`, `make test`) install what they need into .venv first.
+# The two quick-start commands (`make demo`, `make test`) install what they need into .venv first:
+# conveyor with its test tools, croniter (app.periodic(cron=...)) and the demo extra (scipy, for the demo's matching).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,web]"
+	$(BIN)/python -m pip install -q -e ".[test,cron,demo,web]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -38,11 +39,11 @@ bench-serve: $(BIN)/.installed
 # the whole suite, both stores (bench/README.md); needs the bench extras (matplotlib for the chart)
 .PHONY: bench-all bench-quick
 bench-all: $(BIN)/.installed
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,cron,demo,bench]"
 	$(BIN)/python -m bench
 
 bench-quick: $(BIN)/.installed
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,cron,demo,bench]"
 	$(BIN)/python -m bench --quick
 
 clean:

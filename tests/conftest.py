@@ -60,6 +60,9 @@ def _pg_reset(url: str) -> None:
         exists = conn.execute("SELECT to_regclass('conveyor_items')").fetchone()[0]
         if exists:
             conn.execute("TRUNCATE conveyor_items RESTART IDENTITY")
+        for table in ("conveyor_controls", "conveyor_rates", "conveyor_periodic"):  # flow control, schedules
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
+                conn.execute(f"TRUNCATE {table}")
 
 
 @pytest.fixture(params=STORES)

@@ -55,6 +55,12 @@ def test_unknown_queue_is_named_by_retry_purge_and_status(cli, app):
     assert r.returncode == 0 and "0 item(s)" in r.stdout
 
 
+def test_square_brackets_in_a_message_are_printed_as_they_are(cli):
+    """A message quotes the user's input, which may look like the terminal's markup: `[/x]` once
+    raised a MarkupError (a traceback instead of the line), `[b]` vanished from the message."""
+    assert_usage_error(cli("items", "[/x] [b]y"), "queue name '[/x] [b]y' is invalid")
+
+
 def test_long_queue_name_is_cut_in_the_message(cli):
     name = "q" * 10_000
     line = assert_usage_error(cli("submit", name, input="{}\n"), "10,000 characters")

@@ -1,6 +1,6 @@
 """conveyor's layers point one way, downwards; nothing imports upwards, not even for types.
 
-    errors, model, codec, durations             plain data and helpers
+    errors, model, codec, durations, periodic   plain data and helpers
     stores                                      the Store protocol and the backends (all SQL)
     worker                                      the loop, lanes, keeper, outcomes, supervisor
     app                                         App: what users call
@@ -23,6 +23,7 @@ LAYERS = {
     "conveyor.model": 1,
     "conveyor.codec": 1,
     "conveyor.durations": 1,
+    "conveyor.periodic": 1,
     "conveyor.stores": 2,
     "conveyor.worker": 3,
     "conveyor.app": 4,

@@ -549,3 +549,39 @@ def test_postgres_enum_status_uuid_key_and_a_schema_qualified_table(side, store_
     assert side.run("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'shop.orders'::regclass AND NOT tgisinternal") == [(0,)]
     side.run("DROP SCHEMA shop CASCADE")
     app.close()
+
+
+def test_a_refused_row_in_a_transactional_batch_sends_the_others_back_at_once(side, store_url):
+    """One row of a transactional batch is cancelled by the application while the batch runs: the
+    whole transaction rolls back, and the batch's other rows go back to pending at once (their
+    attempt given back), not after their lease expires as if the worker had died."""
+    if side.sqlite:
+        pytest.skip("on SQLite a transactional handler holds the write lock: the application cannot write meanwhile")
+    create_orders(side, [(1, "new"), (2, "new"), (3, "new")])
+    app = conveyor.App(store_url)
+    started, release = threading.Event(), threading.Event()
+    runs: list[list[int]] = []
+
+    @app.rows("orders", **STATUS, batch=True, batch_size=3, transactional=True, lease_seconds=60)
+    def assign(items, conn):
+        runs.append([it.id for it in items])
+        if len(runs) == 1:
+            started.set()
+            assert release.wait(30)
+        for it in items:
+            record_effect(conn, it)
+
+    app.adopt(apply=True)
+    worker, thread, out = run_in_thread(app, stop_when_empty=True)
+    assert started.wait(30)
+    side.run("UPDATE orders SET status = 'cancelled' WHERE id = 1")
+    t0 = time.monotonic()
+    release.set()
+    thread.join(60)
+    assert not thread.is_alive() and "error" not in out, out
+    assert time.monotonic() - t0 < 30  # well within the 60 s lease
+    assert side.statuses() == {1: "cancelled", 2: "assigned", 3: "assigned"}
+    assert runs[0] == [1, 2, 3] and sorted(runs[1]) == [2, 3]
+    assert sorted(side.run("SELECT order_id, attempt FROM effects")) == [(2, 1), (3, 1)]  # the attempt given back
+    assert out["counts"]["lost"] == 1 and out["counts"]["released"] == 2
+    app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import inspect
 import itertools
@@ -19,7 +20,8 @@ from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
 from .durations import Duration, to_seconds
 from .errors import StoreError, UsageError, shown
-from .model import Item, NewItem, Processor, QueueOptions, RowsTable
+from .model import Item, Limits, NewItem, Processor, QueueOptions, Rate, RowsTable
+from .periodic import DEFAULT_GRACE, Periodic, ScheduleState, kept_by, make_periodic
 from .stores import Store, describe_database, open_store
 from .stores.rows import RowsStore, adopt_statements, adopted_tables, apply_statements, row_counts
 from .worker import Crew, Worker, run_supervised
@@ -163,6 +165,41 @@ def _status_value(value: Any, what: str, where: str) -> str | int:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any, what: str, where: str) -> Rate:
+    """'50/s', '300/m', '1000/h' → Rate(count, period seconds)."""
+    m = _RATE.match(value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) < 1:
+        raise UsageError(f"{where}: {what} must be a count per second, minute or hour such as '50/s', '300/m' or "
+                         f"'1000/h', not {shown(value)}")
+    return Rate(int(m.group(1)), _PERIODS[m.group(2)])
+
+
+def check_limits(where: str, *, ordered: bool, max_in_progress: Any, key_concurrency: Any, rate_limit: Any,
+                 key_rate_limit: Any, fair: Any) -> Limits | None:
+    """A processor's flow control, each setting checked (one error naming the first that is wrong);
+    None when it has none."""
+    for name, value in (("max_in_progress", max_in_progress), ("key_concurrency", key_concurrency)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{where}: {name} must be an integer >= 1 or None, not {shown(value)}")
+    if not isinstance(fair, bool):
+        raise UsageError(f"{where}: fair must be True or False, not {shown(fair)}")
+    if ordered and key_concurrency not in (None, 1):
+        raise UsageError(f"{where}: ordered=True runs one item of a key at a time: key_concurrency={key_concurrency} "
+                         "contradicts it (drop ordered to let several run)")
+    if ordered and fair:
+        raise UsageError(f"{where}: fair=True with ordered=True: an ordered claim already takes the head of every key")
+    limits = Limits(
+        max_in_progress=max_in_progress, key_concurrency=None if ordered else key_concurrency,
+        rate_limit=None if rate_limit is None else parse_rate(rate_limit, "rate_limit", where),
+        key_rate_limit=None if key_rate_limit is None else parse_rate(key_rate_limit, "key_rate_limit", where),
+        fair=fair)
+    return limits if limits != Limits() else None
+
+
 def _queue_options(where: str, queue: str, *, batch_size: Any, concurrency: Any, lease_seconds: Any,
                    max_attempts: Any, batch: bool, ordered: bool, transactional: bool, backoff_base: Any,
                    backoff_max: Any, timeout_seconds: Any) -> QueueOptions:
@@ -199,6 +236,8 @@ class App:
         #: never create, migrate or write the database (status, items, show, a dashboard's reads)
         self.read_only = read_only
         self.processors: dict[str, Processor] = {}
+        #: periodic schedules by (queue, name): see periodic()
+        self.periodics: dict[tuple[str, str], Periodic] = {}
         #: MODULE:APP when the CLI loaded this App (messages then name the exact command to run)
         self.spec: str | None = None
         self._store: Store | None = None
@@ -249,15 +288,26 @@ class App:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         timeout_seconds: float | None = None,
+        max_in_progress: int | None = None,
+        key_concurrency: int | None = None,
+        rate_limit: str | None = None,
+        key_rate_limit: str | None = None,
+        fair: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register the decorated function as the handler of `queue`."""
+        """Register the decorated function as the handler of `queue`. Flow control, enforced by
+        the store across every worker and machine: `max_in_progress` (items of the queue running
+        at once), `key_concurrency` (of one key), `rate_limit` / `key_rate_limit` ("50/s", "300/m",
+        "1000/h": starts per period, by the database's clock), `fair` (claims go round the keys)."""
         check_queue_name(queue)
+        where = f"processor for queue {shown(queue)}"
         options = _queue_options(
-            f"processor for queue {shown(queue)}", queue, batch_size=batch_size, concurrency=concurrency,
+            where, queue, batch_size=batch_size, concurrency=concurrency,
             lease_seconds=lease_seconds, max_attempts=max_attempts, batch=batch, ordered=ordered,
             transactional=transactional, backoff_base=backoff_base, backoff_max=backoff_max,
             timeout_seconds=timeout_seconds)
-        return self._registering(options, None)
+        limits = check_limits(where, ordered=ordered, max_in_progress=max_in_progress, key_concurrency=key_concurrency,
+                              rate_limit=rate_limit, key_rate_limit=key_rate_limit, fair=fair)
+        return self._registering(dataclasses.replace(options, limits=limits), None)
 
     def rows(
         self,
@@ -310,6 +360,9 @@ class App:
         queue = options.queue
         if queue in self.processors:
             raise UsageError(f"{'table' if rows else 'queue'} {shown(queue)}: a processor is already registered for it")
+        if rows and any(q == queue for q, _ in self.periodics):
+            raise UsageError(f"table {shown(queue)}: a periodic schedule submits to a queue of that name; rows "
+                             "processed in place cannot take periodic items")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_handler(fn, options)
@@ -318,6 +371,61 @@ class App:
             return fn
 
         return register
+
+    # -- periodic items ---------------------------------------------------------------------------
+    def periodic(
+        self,
+        queue: str,
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        payload: Any = None,
+        key: str | None = None,
+        priority: int = 0,
+        name: str | None = None,
+        offset: Duration | None = None,
+        timezone: str | None = None,
+        catch_up: str = "latest",
+        grace: Duration = DEFAULT_GRACE,
+    ) -> Periodic:
+        """Submit one item to `queue` per tick of a schedule: `cron` (a cron line, in `timezone`,
+        default UTC; needs conveyor[cron]) or `every` (an interval: a timedelta, seconds or '5m';
+        ticks at the multiples of it since the unix epoch, plus `offset`). Each item carries
+        `payload`, `key` and `priority`, its tick as run_at, and `periodic:<name>:<tick>` as its
+        dedup key; `name` (default: the queue) tells several schedules of one queue apart.
+
+        The App's workers keep the schedule, judging ticks by the database's clock: exactly one
+        item per tick across every worker and machine. Ticks missed while no worker ran (the oldest
+        more than `grace` late, default 10 s) become one item, for the latest of them, with
+        catch_up="latest" (the default), or none with catch_up="none". A worker keeps the schedules
+        of the queues it works on, and those whose queue has no processor on this App."""
+        check_queue_name(queue)
+        where = f"periodic for queue {shown(queue)}" + ("" if name is None else f" named {shown(name)}")
+        processor = self.processors.get(queue)
+        if processor is not None and processor.rows is not None:
+            raise UsageError(f"{where}: {shown(queue)} is a table processed in place (@app.rows); periodic items go "
+                             "to a queue")
+        periodic = make_periodic(
+            queue, cron=cron, every=every, payload_json=encode_payload(payload, where),
+            key=_optional_text(key, "key", where), priority=check_priority(priority, where), name=name,
+            offset=offset, timezone=timezone, catch_up=catch_up, grace=grace, where=where)
+        if (queue, periodic.name) in self.periodics:
+            raise UsageError(f"{where}: queue {shown(queue)} has a periodic schedule named {shown(periodic.name)} already; "
+                             "give this one another name=")
+        self.periodics[(queue, periodic.name)] = periodic
+        return periodic
+
+    def periodics_for(self, queues: Sequence[str] | None = None) -> list[Periodic]:
+        """The schedules a worker for these queues keeps (default: all of them): those of its
+        queues, and those whose queue has no processor on this App."""
+        processed = {q for q, p in self.processors.items() if p.rows is None}
+        worked = set(queues) if queues else processed
+        return kept_by(list(self.periodics.values()), worked, processed)
+
+    def schedules(self) -> tuple[float, list[ScheduleState]]:
+        """The database's clock (unix seconds) and the periodic schedules it holds, as workers
+        kept them (whatever App declared them): each one's last tick, next tick and description."""
+        return self.store.schedules()
 
     def processors_for(self, queues: Sequence[str] | None = None) -> list[Processor]:
         """The processors a worker for these queues runs (default: all), or a UsageError naming
@@ -492,6 +600,20 @@ class App:
         is there too, its rows counted by what their status value stands for, with `rows: True`
         and `other`: rows whose status is the application's own (a cancelled order, say)."""
         stats = self.store.stats(queues)
+        for control in self.store.controls() if stats else []:
+            entry = stats.get(control["queue"])
+            if entry is None:
+                continue
+            if control["key"] is None:
+                entry["paused"] = entry.get("paused", False) or control["paused"]
+                if control["held_until"]:
+                    entry["held_until"] = control["held_until"]
+            else:
+                field = "paused_keys" if control["paused"] else "held_keys"
+                entry.setdefault(field, []).append(control["key"])
+        for p in self.processors.values():
+            if p.options.limits is not None and p.queue in stats:
+                stats[p.queue]["limits"] = p.options.limits.describe()
         tables = adopted_tables(self.store) | {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
         for name, rows in tables.items():
             if queues is None or name in queues:
@@ -520,6 +642,25 @@ class App:
 
     def cancel(self, item_id: int) -> None:
         self.store.cancel(item_id)
+
+    # -- flow control ---------------------------------------------------------------------------
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Claim nothing more of `queue` (or, with `key`, of that key of it) on any worker until
+        resume(); items already running finish."""
+        check_queue_name(queue)
+        self.store.pause(queue, _optional_text(key, "key", "pause"))
+
+    def resume(self, queue: str, key: str | None = None) -> bool:
+        """Undo pause(queue, key); returns whether it was paused."""
+        check_queue_name(queue)
+        was = self.store.resume(queue, _optional_text(key, "key", "resume"))
+        self.wakeup.set()
+        return was
+
+    def controls(self) -> list[dict[str, Any]]:
+        """What is paused or held now: [{queue, key (None: the whole queue), paused, held_until
+        (unix seconds, while a Backoff holds it), reason}]."""
+        return self.store.controls()
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         """Send dead and cancelled items of a queue back to pending with fresh attempts; returns how
@@ -554,12 +695,15 @@ class App:
         prune_after, name, heartbeat_interval, rescue_interval). run_worker() runs one."""
         chosen = self.processors_for(queues)
         plain = [p for p in chosen if p.rows is None]
-        workers = [Worker(self.store, plain, self.wakeup, **options)] if plain else []
+        # the periodic schedules go with the first worker, on the App's store
+        periodic: dict[str, Any] = {"periodics": self.periodics_for(queues), "schedule_store": self.store}
+        workers = [Worker(self.store, plain, self.wakeup, **options, **periodic)] if plain else []
         for p in chosen:
             if p.rows is not None:  # each table on a worker of its own: a row's key is not an item id
                 adopt = f"conveyor adopt {self.spec or 'MODULE:APP'} --table {p.queue}"
                 store = RowsStore(self.store, p.rows, p.options, command=adopt)
-                workers.append(Worker(store, [p], threading.Event(), **{**options, "prune_after": None}))
+                extra = {} if workers else periodic
+                workers.append(Worker(store, [p], threading.Event(), **{**options, "prune_after": None}, **extra))
         return workers[0] if len(workers) == 1 else Crew(workers)  # type: ignore[return-value]
 
     def run_worker(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -36,7 +36,7 @@ SUBMIT_CHUNK = 5000
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # the message as is
     sys.exit(code)
 
 
@@ -402,7 +402,55 @@ def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
                       format_age(s["oldest_pending_seconds"]), f"{s['resolved_last_minute']:,}")
     if not stats:
         table.add_row("(no items yet)", *[""] * (len(STATES) + 2))
+    notes = [note for queue, s in stats.items() for note in flow_notes(queue, s)]
+    if notes:
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
     return table
+
+
+def flow_notes(queue: str, s: dict[str, Any]) -> list[str]:
+    """What holds a queue back, for status: paused, held by a Backoff, limited."""
+    notes = []
+    if s.get("paused"):
+        notes.append(f"{queue}: paused (conveyor resume {queue})")
+    if s.get("held_until"):
+        notes.append(f"{queue}: held by a Backoff for {format_age(max(0.0, s['held_until'] - time.time()))}")
+    for field, what in (("paused_keys", "paused keys"), ("held_keys", "keys held by a Backoff")):
+        if s.get(field):
+            keys = s[field]
+            notes.append(f"{queue}: {what}: {', '.join(keys[:10])}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else ""))
+    if s.get("limits"):
+        notes.append(f"{queue}: limited: " + ", ".join(f"{k}={v}" for k, v in s["limits"].items()))
+    return notes
+
+
+def schedules_table(app: App, queues: list[str] | None) -> Table | None:
+    """The periodic schedules the database holds (of these queues): each one's last and next tick.
+    A next tick long past means no worker keeps the schedule now."""
+    now, states = app.schedules()
+    states = [s for s in states if queues is None or s.queue in queues]
+    if not states:
+        return None
+    table = Table(title="periodic schedules", title_justify="left")
+    for column in ("queue", "name", "schedule", "last tick (UTC)", "next tick (UTC)"):
+        table.add_column(column, style="bold" if column == "queue" else None)
+    table.add_column("next in", justify="right")
+
+    def moment(seconds: float | None) -> str:
+        return "-" if seconds is None else short_time(dt.datetime.fromtimestamp(seconds, dt.UTC))
+
+    for s in states:
+        due = "-" if s.next_tick is None else (
+            format_age(s.next_tick - now) if s.next_tick >= now else f"overdue {format_age(now - s.next_tick)}")
+        table.add_row(s.queue, s.name, s.schedule, moment(s.last_tick), moment(s.next_tick), due)
+    return table
+
+
+def status_view(app: App, stats: dict[str, dict[str, Any]], queues: list[str] | None, where: str) -> RenderableType:
+    table = status_table(stats, where)
+    schedules = schedules_table(app, queues)
+    return table if schedules is None else Group(table, schedules)
 
 
 @main.command()
@@ -413,7 +461,7 @@ def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
 @click.pass_context
 @friendly
 def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...]) -> None:
-    """Counts by state, oldest pending age and throughput per queue."""
+    """Counts by state, oldest pending age and throughput per queue; the periodic schedules."""
     app = app_from(ctx, read_only=True)
     for queue in queues:
         check_queue_name(queue)
@@ -433,11 +481,11 @@ def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ..
         return
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if not watch:
-        console.print(status_table(stats, where))
+        console.print(status_view(app, stats, asked, where))
         return
-    with Live(status_table(stats, where), console=console, auto_refresh=False) as live:
+    with Live(status_view(app, stats, asked, where), console=console, auto_refresh=False) as live:
         for _ in every_second_until_stopped():
-            live.update(status_table(app.stats(asked), where), refresh=True)
+            live.update(status_view(app, app.stats(asked), asked, where), refresh=True)
 
 
 def every_second_until_stopped() -> Iterator[None]:
@@ -460,6 +508,32 @@ def every_second_until_stopped() -> Iterator[None]:
 
 
 # -- operators ------------------------------------------------------------------------------------
+@main.command()
+@global_options
+@click.argument("queue")
+@click.option("--key", default=None, help="Only this key of the queue (one tenant, one restaurant).")
+@click.pass_context
+@friendly
+def pause(ctx: click.Context, queue: str, key: str | None) -> None:
+    """Claim nothing more of QUEUE (or of one key of it) on any worker; running items finish."""
+    app_from(ctx).pause(queue, key)
+    click.echo(f"paused {queue!r}" + (f" key {key!r}" if key is not None else "") + ": nothing more of it starts "
+               f"until `conveyor resume {queue}" + (f" --key {key}" if key is not None else "") + "`")
+
+
+@main.command()
+@global_options
+@click.argument("queue")
+@click.option("--key", default=None, help="Only this key of the queue.")
+@click.pass_context
+@friendly
+def resume(ctx: click.Context, queue: str, key: str | None) -> None:
+    """Let workers claim QUEUE (or one key of it) again after `conveyor pause`."""
+    was = app_from(ctx).resume(queue, key)
+    what = f"{queue!r}" + (f" key {key!r}" if key is not None else "")
+    click.echo(f"resumed {what}" if was else f"{what} was not paused")
+
+
 @main.command()
 @global_options
 @click.argument("queue")
@@ -596,15 +670,29 @@ def migrate(ctx: click.Context) -> None:
 
 @main.command()
 @global_options
-@click.option("--orders", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
-@click.option("--drivers", default=50, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--orders", default=None, type=click.IntRange(1, 10_000_000),
+              help="Orders to place  [default: 2000; with --compare, 4800: 600 a second for 8 s]")
+@click.option("--drivers", default=None, type=click.IntRange(1, 1_000_000),
+              help="Drivers in the city  [default: 50; with --compare, 200]")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--compare", is_flag=True,
+              help="Run the same order stream twice: one order at a time by one loop, then asynchronously "
+                   "(--workers processes, batches), and print the two side by side.")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, orders: int, drivers: int, workers: int) -> None:
-    """The food-delivery showcase: orders pour in, workers assign each to exactly one driver.
-    Runs on a fresh SQLite file unless --db is given ($CONVEYOR_DATABASE_URL is not used)."""
-    from .demo import run_demo
+def demo(ctx: click.Context, orders: int | None, drivers: int | None, workers: int, compare: bool) -> None:
+    """The food-delivery showcase: orders pour into the application's own table, and workers match
+    each batch of them to free drivers by least total pickup distance, each order to exactly one
+    driver. Runs on a fresh SQLite file unless --db is given ($CONVEYOR_DATABASE_URL is not used)."""
+    try:
+        from .demo import run_compare, run_demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("scipy", "numpy"):
+            raise
+        raise UsageError("conveyor demo needs scipy, which is not installed: pip install 'conveyor[demo]'") from None
 
-    ok = run_demo(ctx.obj["db"], orders=orders, drivers=drivers, workers=workers)
+    if compare:
+        ok = run_compare(ctx.obj["db"], orders=orders, drivers=drivers, workers=workers)
+    else:
+        ok = run_demo(ctx.obj["db"], orders=orders or 2000, drivers=drivers or 50, workers=workers)
     sys.exit(0 if ok else 1)

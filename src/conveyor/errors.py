@@ -6,7 +6,7 @@
     ├── StoreError          the database failed in a way conveyor could not absorb
     └── LeaseLost           the item's lease was lost: the result of this run is refused
 
-Retry and Fail are not errors but signals a handler raises to steer its item.
+Retry, Fail and Backoff are not errors but signals a handler raises to steer its item.
 """
 
 from __future__ import annotations
@@ -70,3 +70,20 @@ class Fail(Exception):
     def __init__(self, reason: str = "failed by handler"):
         self.reason = reason
         super().__init__(reason)
+
+
+class Backoff(Exception):
+    """Raise from a handler when what it calls pushes back (an HTTP 429 with Retry-After): the
+    item goes back to pending without spending an attempt, and nothing more of its key
+    (scope="key") or of its whole queue (scope="queue") is claimed for `seconds`, by any worker.
+    An item without a key, backing off with scope="key", holds only itself."""
+
+    def __init__(self, seconds: float, scope: str = "key", reason: str = "backoff requested by handler"):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 31_536_000:
+            raise ValueError(f"Backoff(seconds) must be a number of seconds from 0 to a year, not {seconds!r}")
+        if scope not in ("key", "queue"):
+            raise ValueError(f"Backoff(scope=...) must be 'key' or 'queue', not {scope!r}")
+        self.seconds = float(seconds)
+        self.scope = scope
+        self.reason = reason
+        super().__init__(f"{reason} ({scope}, {seconds:g}s)")

@@ -81,6 +81,55 @@ class NewItem(NamedTuple):
 
 
 @dataclass(slots=True, frozen=True)
+class Rate:
+    """A rate limit: at most `count` starts per `period` seconds ("50/s" → Rate(50, 1.0))."""
+
+    count: int
+    period: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts at the steady rate."""
+        return self.period / self.count
+
+    @property
+    def burst(self) -> int:
+        """Starts allowed at once after a quiet spell: a tenth of a period's, at least one, so
+        a claim of a batch never takes a whole period's allowance in one go."""
+        return max(1, self.count // 10)
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.period, f"{self.period:g}s")
+        return f"{self.count}/{unit}"
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """Flow control a claim obeys, across every worker (the store enforces it)."""
+
+    max_in_progress: int | None = None
+    key_concurrency: int | None = None
+    rate_limit: Rate | None = None
+    key_rate_limit: Rate | None = None
+    fair: bool = False
+
+    @property
+    def per_key(self) -> bool:
+        """Whether the claim must look at keys one by one."""
+        return bool(self.key_concurrency or self.key_rate_limit or self.fair)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("max_in_progress", "key_concurrency", "rate_limit", "key_rate_limit"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value) if isinstance(value, Rate) else value
+        if self.fair:
+            out["fair"] = True
+        return out
+
+
+@dataclass(slots=True, frozen=True)
 class Claim:
     """What one claim asks a store for."""
 
@@ -89,6 +138,8 @@ class Claim:
     lease_seconds: float
     max_attempts: int
     ordered: bool = False
+    #: flow control; None: none (the plain claim, one statement)
+    limits: Limits | None = None
 
 
 @dataclass(slots=True)
@@ -105,15 +156,19 @@ class Outcomes:
     failed: list[tuple[int, int, str]] = field(default_factory=list)
     #: (id, token): claimed but never started; back to pending without spending an attempt
     released: list[tuple[int, int]] = field(default_factory=list)
+    #: (id, token, seconds, scope): the handler raised Backoff: back to pending after `seconds`
+    #: without spending an attempt, and its key (scope "key") or queue ("queue") held as long
+    backedoff: list[tuple[int, int, float, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.resolved) + len(self.retried) + len(self.failed) + len(self.released)
+        return len(self.resolved) + len(self.retried) + len(self.failed) + len(self.released) + len(self.backedoff)
 
     def extend(self, other: Outcomes) -> None:
         self.resolved.extend(other.resolved)
         self.retried.extend(other.retried)
         self.failed.extend(other.failed)
         self.released.extend(other.released)
+        self.backedoff.extend(other.backedoff)
 
 
 @dataclass(slots=True, frozen=True)
@@ -132,6 +187,8 @@ class QueueOptions:
     backoff_max: float = 300.0
     #: a handler running longer is given up on: cancelled (async) or abandoned (thread), and its item retried
     timeout_seconds: float | None = None
+    #: flow control across every worker (max_in_progress, key_concurrency, rate limits, fair)
+    limits: Limits | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -205,3 +205,15 @@ def test_bodies_over_the_limit_are_413(app):
 def test_unknown_routes_are_json_404(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]
+
+
+def test_pause_and_resume_a_queue_or_a_key(app, client):
+    assert client.post("/v1/queues/emails/pause").json() == {"queue": "emails", "key": None, "paused": True, "was": None}
+    assert client.post("/v1/queues/emails/pause", json={"key": "acct-1"}).json()["key"] == "acct-1"
+    assert client.post("/v1/queues/emails/resume").json()["was"] is True
+    assert client.post("/v1/queues/emails/resume").json()["was"] is False
+    assert client.post("/v1/queues/emails/resume", json={"key": "acct-1"}).json()["was"] is True
+    for body in ({"key": 5}, {"key": ""}, {"queue": "x"}):
+        r = client.post("/v1/queues/emails/pause", json=body)
+        assert r.status_code == 422 and r.json()["field"].startswith("body"), r.json()
+    assert client.post("/v1/queues/a%20b/pause").json()["field"] == "path.queue"

@@ -27,7 +27,8 @@ EXAMPLES = 30
 OPERATIONS = [
     ("/v1/queues/{queue}/items", "POST"), ("/v1/items/{id}", "GET"), ("/v1/items", "GET"),
     ("/v1/items/{id}/cancel", "POST"), ("/v1/queues", "GET"), ("/v1/queues/{queue}/requeue", "POST"),
-    ("/v1/history", "GET"), ("/healthz", "GET"), ("/readyz", "GET"), ("/metrics", "GET"),
+    ("/v1/queues/{queue}/pause", "POST"), ("/v1/queues/{queue}/resume", "POST"), ("/v1/history", "GET"),
+    ("/healthz", "GET"), ("/readyz", "GET"), ("/metrics", "GET"),
 ]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..model import Claim, Item, NewItem, Outcomes, Token
+from ..periodic import ScheduleState
 
 
 @runtime_checkable
@@ -76,7 +77,24 @@ class WorkerStore(Protocol):
 
 
 @runtime_checkable
-class Store(WorkerStore, Protocol):
+class ScheduleStore(Protocol):
+    """What a worker keeping periodic schedules asks of a store (stores/schedules.py)."""
+
+    def schedules(self) -> tuple[float, list[ScheduleState]]:
+        """The database's clock (unix seconds) and every periodic schedule's stored state."""
+
+    def advance_schedule(self, queue: str, name: str, version: int | None, last_tick: float, next_tick: float,
+                         schedule: str, items: Sequence[NewItem]) -> list[int | None] | None:
+        """Compare-and-set: if the schedule's stored version is still `version` (None: not stored
+        yet), record `last_tick` (and `next_tick`, `schedule` as status shows them) and submit
+        `items`, in one transaction; returns their ids, or None if another worker was first."""
+
+    def disconnect(self) -> None:
+        """Close the calling thread's connection."""
+
+
+@runtime_checkable
+class Store(WorkerStore, ScheduleStore, Protocol):
     """Everything the App asks of a database (the worker's part is WorkerStore)."""
 
     # -- step 0: submit -----------------------------------------------------------------------
@@ -133,6 +151,20 @@ class Store(WorkerStore, Protocol):
 
     def requeue(self, queue: str, ids: Sequence[int] | None = None) -> int:
         """dead / cancelled → pending with fresh attempts; returns how many."""
+
+    # -- flow control ---------------------------------------------------------------------------
+    def backoff(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
+        """(id, token, seconds, scope): back to pending after `seconds` without spending an
+        attempt; the item's key ("key") or queue ("queue") held as long. Returns refused ids."""
+
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Claim nothing of the queue (or of one key of it) until resumed."""
+
+    def resume(self, queue: str, key: str | None = None) -> bool:
+        """Undo pause(); returns whether it was paused."""
+
+    def controls(self) -> list[dict[str, Any]]:
+        """What pauses or holds something now: [{queue, key, paused, held_until, reason}]."""
 
     # -- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -224,6 +224,16 @@ class PostgresStore(PostgresConnections):
         conn.conveyor_notify.update(q for _, q, wakes in rows if wakes)  # type: ignore[attr-defined]
         return refused(tokens, [r[0] for r in rows])
 
+    def _claim_ids(self, conn: Any, claim: Claim, owner: str, ids: Sequence[int]) -> list[Any]:
+        return self._execute(q.CLAIM_IDS, {"owner": owner, "lease": claim.lease_seconds, "token": new_token(),
+                                           "max_attempts": claim.max_attempts, "ids": _bigints(ids)}).fetchall()
+
+    def _pending_keys(self, conn: Any, queue: str, most: int) -> list[str]:
+        return [r[0] for r in self._execute(q.PENDING_KEYS, {"queue": queue, "most": most}).fetchall()]
+
+    def _key_heads(self, conn: Any, queue: str, keys: Sequence[str], now: float, most: int) -> list[Any]:
+        return self._execute(q.KEY_HEADS_ALL, {"queue": queue, "keys": list(keys), "most": most}).fetchall()
+
     # -- one cycle in one statement -------------------------------------------------------------
     def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
         """A worker's whole cycle: settle `outcomes` (resolve, retry, fail, release, each fenced by
@@ -238,12 +248,13 @@ class PostgresStore(PostgresConnections):
         is claimable from the next cycle, not this one. An ordered claim needs its advisory lock
         taken by an earlier statement of its transaction (see q.ORDERED_LOCK), so a cycle with one
         runs as a transaction of separate statements, like the methods it stands for."""
-        if any(c.ordered for c in claims):
+        if outcomes.backedoff or any(c.ordered or c.limits for c in claims):
             with self.transaction():
                 lost = self.resolve(outcomes.resolved) if outcomes.resolved else []
                 lost += self.retry(outcomes.retried) if outcomes.retried else []
                 lost += self.fail(outcomes.failed) if outcomes.failed else []
                 lost += self.release(outcomes.released) if outcomes.released else []
+                lost += self.backoff(outcomes.backedoff) if outcomes.backedoff else []
                 return lost, [self.claim(c, owner) for c in claims]
         parts: list[tuple[str, Sequence[Any]]] = [(k, e) for k, e in (("resolve", outcomes.resolved), ("retry", outcomes.retried),
                                      ("fail", outcomes.failed), ("release", outcomes.released)) if e]

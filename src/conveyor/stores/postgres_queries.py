@@ -107,7 +107,70 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE key IS NOT NULL AND state IN ('resolved', 'dead', 'cancelled');
         """,
     ),
+    (
+        6,
+        "periodic schedules: each one's last tick",
+        # One row per schedule (app.periodic), advanced by a compare-and-set on `version` in the
+        # transaction that submits its tick's item (see stores/schedules.py). Items are purged and
+        # pruned; this row stays, so a tick is never submitted twice.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_periodic (
+            queue      TEXT        NOT NULL,
+            name       TEXT        NOT NULL,
+            schedule   TEXT        NOT NULL,
+            last_tick  TIMESTAMPTZ NOT NULL,
+            next_tick  TIMESTAMPTZ,
+            version    BIGINT      NOT NULL DEFAULT 1,
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT statement_timestamp(),
+            PRIMARY KEY (queue, name)
+        );
+        """,
+    ),
+    (
+        7,
+        "flow control: pauses and holds, and the rate limiters' state",
+        # As SQLite's migration 6; times are unix seconds (double precision) so the rate limiter's
+        # arithmetic is the same on both stores.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_controls (
+            queue      text NOT NULL,
+            scope      text NOT NULL CHECK (scope IN ('queue', 'key')),
+            key        text NOT NULL,
+            paused     boolean NOT NULL DEFAULT false,
+            held_until double precision,
+            reason     text,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (queue, scope, key)
+        );
+        CREATE TABLE IF NOT EXISTS conveyor_rates (
+            queue text NOT NULL,
+            scope text NOT NULL CHECK (scope IN ('queue', 'key')),
+            key   text NOT NULL,
+            tat   double precision NOT NULL,
+            PRIMARY KEY (queue, scope, key)
+        );
+        """,
+    ),
 ]
+
+# -- flow control -------------------------------------------------------------------------------
+# Every claim skips a paused or held queue (an init plan: evaluated once per statement) and paused
+# or held keys: the per-row probe runs only while the queue has such a key at all (an uncorrelated
+# EXISTS, once per statement), so a queue without key controls pays nothing per item.
+EPOCH = "extract(epoch from statement_timestamp())"
+_STOPPED = f"(paused OR held_until > {EPOCH})"
+
+
+def goes(queue: str, alias: str | None) -> str:
+    """The claim's filter: the queue (and, with `alias`, the row's key) neither paused nor held."""
+    sql = (f"NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {queue} AND scope = 'queue' AND key = '' "
+           f"AND {_STOPPED})")
+    if alias:
+        sql += (f" AND ({alias}.key IS NULL OR NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {queue} "
+                f"AND scope = 'key' AND {_STOPPED}) OR NOT EXISTS (SELECT 1 FROM conveyor_controls AS k "
+                f"WHERE k.queue = {queue} AND k.scope = 'key' AND k.key = {alias}.key "
+                f"AND (k.paused OR k.held_until > {EPOCH})))")
+    return sql
 
 # payload is JSON, not JSONB: measured, bulk COPY costs the same either way (220 vs 227 ms for 20k),
 # but JSON returns the payload text exactly as submitted (key order, like SQLite) and accepts
@@ -127,6 +190,7 @@ UPDATE conveyor_items
 CLAIM_TEMPLATE = _CLAIM_UPDATE + """ WHERE id = ANY(ARRAY(
        SELECT c.id FROM conveyor_items AS c
         WHERE c.queue = %(queue{p})s AND c.state = 'pending' AND c.run_at <= statement_timestamp()
+          AND """ + goes("%(queue{p})s", "c") + """
         ORDER BY c.priority DESC, c.run_at, c.id
         LIMIT %(limit{p})s
           FOR UPDATE SKIP LOCKED))
@@ -174,13 +238,14 @@ WITH RECURSIVE heads(key, id) AS (
               SELECT cand.id FROM (
                      SELECT h.id, h.priority, h.run_at FROM heads JOIN conveyor_items AS h ON h.id = heads.id
                       WHERE h.state = 'pending' AND h.run_at <= statement_timestamp()
+                        AND """ + goes("%(queue)s", "h") + """
                         AND heads.key <> ALL (ARRAY(
                             SELECT r.key FROM conveyor_items AS r
                              WHERE r.queue = %(queue)s AND r.state = 'in_progress' AND r.key IS NOT NULL))
                      UNION ALL
                      (SELECT u.id, u.priority, u.run_at FROM conveyor_items AS u
                        WHERE u.queue = %(queue)s AND u.state = 'pending' AND u.key IS NULL
-                         AND u.run_at <= statement_timestamp()
+                         AND u.run_at <= statement_timestamp() AND """ + goes("%(queue)s", None) + """
                        ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(limit)s)) AS cand
                ORDER BY cand.priority DESC, cand.run_at, cand.id LIMIT %(limit)s))
           AND c.state = 'pending' AND c.run_at <= statement_timestamp()
@@ -455,3 +520,66 @@ KNOWN_ROWS = "SELECT reltuples FROM pg_class WHERE oid = 'conveyor_items'::regcl
 ANALYZE_SAMPLE = "SET LOCAL default_statistics_target = 10"
 ANALYZE_AFTER_SUBMIT = "ANALYZE (SKIP_LOCKED) conveyor_items"
 LISTEN = f"LISTEN {CHANNEL}"
+
+# -- flow control: limited claims (stores.controls), backoffs, pauses ------------------------------
+# Positional parameters, in the same order as SQLite's statements of the same names.
+CONTROL_NOW = f"SELECT {EPOCH}::float8"
+QUEUE_STOPPED = ("SELECT paused, held_until, reason FROM conveyor_controls WHERE queue = %s AND scope = 'queue' "
+                 "AND key = '' AND (paused OR held_until > %s)")
+STOPPED_KEYS = "SELECT key FROM conveyor_controls WHERE queue = %s AND scope = 'key' AND (paused OR held_until > %s)"
+RUNNING = "SELECT count(*) FROM conveyor_items WHERE queue = %s AND state = 'in_progress'"
+RUNNING_KEYS = ("SELECT key, count(*) FROM conveyor_items WHERE queue = %s AND state = 'in_progress' AND key IS NOT NULL "
+                "GROUP BY key")
+# [queue, most]: the keys with pending or running items, by a skip-scan of the keyed index
+PENDING_KEYS = """
+WITH RECURSIVE keys(key) AS (
+     (SELECT key FROM conveyor_items WHERE queue = %(queue)s AND key IS NOT NULL AND state IN ('pending', 'in_progress')
+       ORDER BY queue, key LIMIT 1)
+     UNION ALL
+     SELECT n.key FROM keys CROSS JOIN LATERAL (
+            SELECT key FROM conveyor_items WHERE queue = %(queue)s AND key IS NOT NULL
+               AND state IN ('pending', 'in_progress') AND key > keys.key ORDER BY queue, key LIMIT 1) AS n)
+SELECT key FROM keys LIMIT %(most)s"""
+# [queue, keys, now (unused: the database's), most]: each key's first pending items in claim order
+KEY_HEADS_ALL = """
+SELECT h.id, h.key, h.priority, h.run_at FROM unnest(%(keys)s::text[]) AS k(key) CROSS JOIN LATERAL (
+       SELECT id, key, priority, run_at FROM conveyor_items
+        WHERE queue = %(queue)s AND key = k.key AND state = 'pending' AND run_at <= statement_timestamp()
+        ORDER BY priority DESC, run_at, id LIMIT %(most)s) AS h"""
+UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items WHERE queue = %s AND state = 'pending' "
+                 "AND run_at <= to_timestamp(%s) AND key IS NULL ORDER BY priority DESC, run_at, id LIMIT %s")
+RATES = "SELECT key, tat FROM conveyor_rates WHERE queue = %s AND scope = %s AND key = ANY(%s::text[])"
+SET_RATE = ("INSERT INTO conveyor_rates (queue, scope, key, tat) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (queue, scope, key) DO UPDATE SET tat = EXCLUDED.tat")
+# [ids]: the items a limited claim picked, locked as they are taken
+CLAIM_IDS = _CLAIM_UPDATE.format(p="") + """ WHERE id = ANY(ARRAY(
+       SELECT id FROM conveyor_items WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending' FOR UPDATE SKIP LOCKED))
+RETURNING """ + ITEM_COLUMNS
+BACKOFF = f"""
+UPDATE conveyor_items SET state = 'pending', attempts = greatest(attempts - 1, 0),
+       run_at = statement_timestamp() + b.b2::float8 * interval '1 second',
+       updated_at = statement_timestamp(), {_SETTLE_CLEAR}
+  {_BATCH.format(p="{p}", **_WITH_ERROR).format(p="")}
+ {_FENCE.format(p="", wakes="false")}"""
+ITEM_KEYS = "SELECT id, queue, key FROM conveyor_items WHERE id = ANY(%s::bigint[])"
+HOLD = """INSERT INTO conveyor_controls (queue, scope, key, held_until, reason) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (queue, scope, key) DO UPDATE SET held_until = greatest(conveyor_controls.held_until, EXCLUDED.held_until),
+       reason = EXCLUDED.reason, updated_at = now()"""
+PAUSE = """INSERT INTO conveyor_controls (queue, scope, key, paused) VALUES (%s, %s, %s, true)
+ON CONFLICT (queue, scope, key) DO UPDATE SET paused = true, updated_at = now()"""
+RESUME = "UPDATE conveyor_controls SET paused = false, updated_at = now() WHERE queue = %s AND scope = %s AND key = %s AND paused"
+FORGET_CONTROLS = "DELETE FROM conveyor_controls WHERE queue = %s AND NOT paused AND (held_until IS NULL OR held_until <= %s)"
+CONTROLS = ("SELECT queue, scope, key, paused, held_until, reason FROM conveyor_controls "
+            "WHERE paused OR held_until > %s ORDER BY queue, scope, key")
+
+# -- periodic schedules (stores/schedules.py) ---------------------------------------------------
+CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"  # the database clock, unix seconds
+SCHEDULES = """SELECT queue, name, schedule, extract(epoch FROM last_tick)::float8, extract(epoch FROM next_tick)::float8,
+       version, extract(epoch FROM updated_at)::float8 FROM conveyor_periodic ORDER BY queue, name"""
+# [queue, name, schedule, last_tick, next_tick]: no row back if another worker stored it first
+SCHEDULE_CREATE = """INSERT INTO conveyor_periodic (queue, name, schedule, last_tick, next_tick)
+VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s)) ON CONFLICT (queue, name) DO NOTHING RETURNING version"""
+# [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
+SCHEDULE_ADVANCE = """UPDATE conveyor_periodic SET schedule = %s, last_tick = to_timestamp(%s), next_tick = to_timestamp(%s),
+       version = version + 1, updated_at = statement_timestamp() WHERE queue = %s AND name = %s AND version = %s
+RETURNING version"""

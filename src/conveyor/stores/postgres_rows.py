@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import UsageError, shown
 from ..model import RowsTable
 from .postgres_queries import CHANNEL
-from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
+from .rows_sql import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
 
 COLUMN_TYPES = {
     "conveyor_token": "bigint",

@@ -20,6 +20,8 @@ from typing import Any
 from ..errors import ConveyorError, ItemNotFound, StoreError, UsageError
 from ..model import Claim, Item, Token
 from .common import list_args, newest_first, row_to_item
+from .controls import limited_claim
+from .schedules import ScheduleQueries
 
 #: a forked child's copies of its parent's connections: kept referenced, never closed (closing
 #: would end the parent's session, or crash on a sqlite3 handle another process owns)
@@ -29,7 +31,8 @@ _FORK_ORPHANS: list[Any] = []
 TRANSLATED = (
     "migrate", "submit_many", "submit_payloads", "find_dedup", "claim", "resolve", "retry", "fail", "release",
     "settle_and_claim", "extend_leases", "rescue_expired", "get", "get_many", "stats", "has_work", "cancel", "requeue",
-    "purge", "wait_for_change", "list_items", "resolve_in",
+    "purge", "wait_for_change", "list_items", "resolve_in", "backoff", "pause", "resume", "controls",
+    "schedules", "advance_schedule",  # schedules.ScheduleQueries
 )
 
 
@@ -56,7 +59,7 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class SQLStore:
+class SQLStore(ScheduleQueries):
     """The shared half of a SQL store. Subclasses set `queries`, `driver_error` and `where`."""
 
     #: the dialect's statements (sqlite_queries, postgres_queries)
@@ -275,15 +278,91 @@ class SQLStore:
 
     # -- claim and settle ---------------------------------------------------------------------
     def _claim_lock(self, claim: Claim) -> None:
-        """Taken inside an ordered claim's transaction before it claims (PostgreSQL)."""
+        """Taken inside an ordered or limited claim's transaction before it claims (PostgreSQL)."""
 
     def claim(self, claim: Claim, owner: str) -> list[Item]:
         """Atomically take up to `claim.limit` ready pending items of a queue."""
         with self.transaction() as conn:
-            if claim.ordered:
-                self._claim_lock(claim)
-            rows = self._claim_rows(conn, claim, owner)
+            rows = self._claim_any(conn, claim, owner)
         return self._items(rows)
+
+    def _claim_any(self, conn: Any, claim: Claim, owner: str) -> list[Any]:
+        """A claim's rows inside the caller's transaction: limited claims through stores.controls."""
+        if claim.limits is not None:
+            return limited_claim(self, conn, claim, owner)
+        if claim.ordered:
+            self._claim_lock(claim)
+        return self._claim_rows(conn, claim, owner)
+
+    def _claim_ids(self, conn: Any, claim: Claim, owner: str, ids: Sequence[int]) -> list[Any]:
+        """Claim exactly these pending items (a limited claim's picks)."""
+        raise NotImplementedError
+
+    def _pending_keys(self, conn: Any, queue: str, most: int) -> list[str]:
+        """Up to `most` keys with pending or in-progress items of the queue."""
+        raise NotImplementedError
+
+    def _key_heads(self, conn: Any, queue: str, keys: Sequence[str], now: float, most: int) -> list[Any]:
+        """Each key's first `most` pending due items, as (id, key, priority, run_at)."""
+        raise NotImplementedError
+
+    # -- flow control ---------------------------------------------------------------------------
+    def backoff(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
+        """(id, token, seconds, scope): back to pending after `seconds` without spending an
+        attempt, and their key (scope "key") or queue ("queue") held as long. Returns refused ids."""
+        if not entries:
+            return []
+        with self.transaction() as conn:
+            return self._backoff_on(conn, entries)
+
+    def _backoff_on(self, conn: Any, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
+        q = self.queries
+        lost = self._fenced(q.BACKOFF, [(i, t, float(sec)) for i, t, sec, _ in entries])
+        taken = [e for e in entries if e[0] not in set(lost)]
+        if not taken:
+            return lost
+        where = {row[0]: (row[1], row[2]) for row in conn.execute(q.ITEM_KEYS, (self._id_list([e[0] for e in taken]),))}
+        now = float(conn.execute(q.CONTROL_NOW).fetchone()[0])
+        holds: dict[tuple[str, str, str], float] = {}
+        for item_id, _, seconds, scope in taken:
+            queue, key = where[item_id]
+            if scope == "queue":
+                target = (queue, "queue", "")
+            elif key is not None:
+                target = (queue, "key", key)
+            else:
+                continue  # an item without a key holds only itself (its run_at)
+            holds[target] = max(holds.get(target, 0.0), now + seconds)
+        for queue in {t[0] for t in holds}:
+            conn.execute(q.FORGET_CONTROLS, (queue, now))
+        for (queue, scope, key), until in holds.items():
+            conn.execute(q.HOLD, (queue, scope, key, until, "Backoff raised by a handler") + self._hold_extra(now))
+        return lost
+
+    def _hold_extra(self, now: float) -> tuple[Any, ...]:
+        """HOLD's parameters after the reason (SQLite: updated_at)."""
+        return ()
+
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Claim nothing of the queue (or of one key of it) until resumed; running items finish."""
+        with self.transaction():
+            self._execute(self.queries.PAUSE, (queue, "queue" if key is None else "key", "" if key is None else key))
+
+    def resume(self, queue: str, key: str | None = None) -> bool:
+        """Undo pause(); returns whether it was paused."""
+        with self.transaction():
+            n = self._execute(self.queries.RESUME, (queue, "queue" if key is None else "key",
+                                                    "" if key is None else key)).rowcount
+            self._notify([queue])
+        return bool(n)
+
+    def controls(self) -> list[dict[str, Any]]:
+        """What pauses or holds something now: [{queue, key (None: the whole queue), paused,
+        held_until (unix seconds or None), reason}]."""
+        now = float(self._execute(self.queries.CONTROL_NOW).fetchone()[0])
+        return [{"queue": queue, "key": None if scope == "queue" else key, "paused": bool(paused),
+                 "held_until": held if held is not None and held > now else None, "reason": reason}
+                for queue, scope, key, paused, held, reason in self._execute(self.queries.CONTROLS, (now,)).fetchall()]
 
     @staticmethod
     def _items(rows: list[Any]) -> list[Item]:

@@ -302,6 +302,20 @@ class SQLiteStore(SQLStore):
             self._local.last_change = time.monotonic()  # busy: keep idle polling brisk (wait_for_change)
         return rows
 
+    def _claim_ids(self, conn: sqlite3.Connection, claim: Claim, owner: str, ids: Sequence[int]) -> list[Any]:
+        return conn.execute(q.CLAIM_IDS, (owner, self._clock(conn), claim.lease_seconds, new_token(), claim.max_attempts,
+                                          None, None, orjson.dumps(list(ids)).decode())).fetchall()
+
+    def _pending_keys(self, conn: sqlite3.Connection, queue: str, most: int) -> list[str]:
+        return [r[0] for r in conn.execute(q.PENDING_KEYS, (queue, most))]
+
+    def _key_heads(self, conn: sqlite3.Connection, queue: str, keys: Sequence[str], now: float, most: int) -> list[Any]:
+        """One indexed query per key: SQLite runs in this process, so a query costs microseconds."""
+        return [row for key in keys for row in conn.execute(q.KEY_HEADS, (queue, key, now, most))]
+
+    def _hold_extra(self, now: float) -> tuple[Any, ...]:
+        return (now,)
+
     def settle_and_claim(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
         """A worker's whole cycle in one write transaction; rows become Items after the commit,
         so the write lock is held for SQL only."""
@@ -311,7 +325,8 @@ class SQLiteStore(SQLStore):
             lost += self._fenced_on(conn, q.RETRY, outcomes.retried, now)
             lost += self._fenced_on(conn, q.FAIL, outcomes.failed, now)
             lost += self._fenced_on(conn, q.RELEASE, outcomes.released, now)
-            batches = [self._claim_rows(conn, c, owner) for c in claims]
+            lost += self._backoff_on(conn, outcomes.backedoff) if outcomes.backedoff else []
+            batches = [self._claim_any(conn, c, owner) for c in claims]
         return lost, [self._items(rows) for rows in batches]
 
     def _fenced(self, sql: str, entries: Sequence[Sequence[Any]], **extra: Any) -> list[int]:

@@ -100,7 +100,66 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE finished_at IS NOT NULL;
         """,
     ),
+    (
+        5,
+        "periodic schedules: each one's last tick",
+        # One row per schedule (app.periodic), advanced by a compare-and-set on `version` in the
+        # transaction that submits its tick's item (see stores/schedules.py). Items are purged and
+        # pruned; this row stays, so a tick is never submitted twice.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_periodic (
+            queue      TEXT    NOT NULL,
+            name       TEXT    NOT NULL,
+            schedule   TEXT    NOT NULL,
+            last_tick  REAL    NOT NULL,
+            next_tick  REAL,
+            version    INTEGER NOT NULL DEFAULT 1,
+            updated_at REAL    NOT NULL,
+            PRIMARY KEY (queue, name)
+        )
+        """,
+    ),
+    (
+        6,
+        "flow control: pauses and holds, and the rate limiters' state",
+        # A row per paused or held queue (scope 'queue', key '') or key (scope 'key'): claims skip
+        # what is paused, or held until later. A rate limiter's state (GCRA: the theoretical arrival
+        # time of the next start, unix seconds) per queue or key, written by limited claims only.
+        """
+        CREATE TABLE IF NOT EXISTS conveyor_controls (
+            queue      TEXT NOT NULL,
+            scope      TEXT NOT NULL CHECK (scope IN ('queue', 'key')),
+            key        TEXT NOT NULL,
+            paused     INTEGER NOT NULL DEFAULT 0,
+            held_until REAL,
+            reason     TEXT,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (queue, scope, key)
+        );
+        CREATE TABLE IF NOT EXISTS conveyor_rates (
+            queue TEXT NOT NULL,
+            scope TEXT NOT NULL CHECK (scope IN ('queue', 'key')),
+            key   TEXT NOT NULL,
+            tat   REAL NOT NULL,
+            PRIMARY KEY (queue, scope, key)
+        );
+        """,
+    ),
 ]
+
+# -- flow control -------------------------------------------------------------------------------
+# Every claim skips a paused or held queue (one primary-key probe, evaluated once per statement)
+# and paused or held keys: the per-row probe runs only while the queue has such a key at all (an
+# uncorrelated EXISTS, evaluated once per statement), so a queue without key controls pays nothing
+# per item. ?2: now; ?6: the queue.
+_STOPPED = "(paused = 1 OR held_until > ?2)"
+QUEUE_GOES = f"NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = ?6 AND scope = 'queue' AND key = '' AND {_STOPPED})"
+
+
+def _key_goes(alias: str) -> str:
+    return (f"({alias}.key IS NULL OR NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = ?6 AND scope = 'key' "
+            f"AND {_STOPPED}) OR NOT EXISTS (SELECT 1 FROM conveyor_controls AS k WHERE k.queue = ?6 "
+            f"AND k.scope = 'key' AND k.key = {alias}.key AND (k.paused = 1 OR k.held_until > ?2)))")
 
 _CLAIM_SET = """
 UPDATE conveyor_items
@@ -109,11 +168,14 @@ UPDATE conveyor_items
  WHERE id IN ({candidates})
 RETURNING """ + ITEM_COLUMNS
 
-CLAIM = _CLAIM_SET.format(candidates="""
+CLAIM = _CLAIM_SET.format(candidates=f"""
        SELECT id FROM conveyor_items AS c INDEXED BY conveyor_items_pending
-        WHERE c.queue = ?6 AND c.state = 'pending' AND c.run_at <= ?2
+        WHERE c.queue = ?6 AND c.state = 'pending' AND c.run_at <= ?2 AND {QUEUE_GOES} AND {_key_goes("c")}
         ORDER BY c.priority DESC, c.run_at, c.id
         LIMIT ?7""")
+# [owner, now, lease, token, max_attempts, -, -, ids as a JSON array]: the items a limited claim
+# picked (stores.controls), read in this same write transaction
+CLAIM_IDS = _CLAIM_SET.format(candidates="SELECT value FROM json_each(?8)")
 
 # Ordered queues: only the head of each key (its lowest unfinished id) may start, and only when it
 # is pending, due, and no other item of its key is running (a requeued dead item can be later in
@@ -131,10 +193,10 @@ WITH RECURSIVE keys(k) AS (
 heads(id) AS (
      SELECT (SELECT id FROM conveyor_items {_KEYED} AND key = keys.k ORDER BY id LIMIT 1)
        FROM keys WHERE keys.k IS NOT NULL)
-""" + _CLAIM_SET.format(candidates="""
+""" + _CLAIM_SET.format(candidates=f"""
        SELECT id FROM (
            SELECT c.id, c.priority, c.run_at FROM heads JOIN conveyor_items AS c ON c.id = heads.id
-            WHERE c.state = 'pending' AND c.run_at <= ?2
+            WHERE c.state = 'pending' AND c.run_at <= ?2 AND {QUEUE_GOES} AND {_key_goes("c")}
               AND NOT EXISTS (
                   SELECT 1 FROM conveyor_items AS o INDEXED BY conveyor_items_keyed
                    WHERE o.queue = c.queue AND o.key = c.key AND o.key IS NOT NULL
@@ -142,7 +204,7 @@ heads(id) AS (
            UNION ALL
            SELECT * FROM (
                SELECT id, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending
-                WHERE queue = ?6 AND state = 'pending' AND run_at <= ?2 AND key IS NULL
+                WHERE queue = ?6 AND state = 'pending' AND run_at <= ?2 AND key IS NULL AND {QUEUE_GOES}
                 ORDER BY priority DESC, run_at, id LIMIT ?7))
         ORDER BY priority DESC, run_at, id
         LIMIT ?7""")
@@ -318,3 +380,62 @@ RECORD_MIGRATION = f"INSERT INTO conveyor_migrations (version, name, applied_at)
 HAS_MIGRATIONS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_migrations'"
 HAS_ITEMS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_items'"
 ANALYZE_AFTER_MIGRATION = "ANALYZE"
+
+# -- flow control: limited claims (stores.controls), backoffs, pauses ------------------------------
+CONTROL_NOW = CLOCK
+# [queue, now]
+QUEUE_STOPPED = ("SELECT paused, held_until, reason FROM conveyor_controls WHERE queue = ? AND scope = 'queue' AND key = '' "
+                 "AND (paused = 1 OR held_until > ?)")
+# [queue, now]
+STOPPED_KEYS = "SELECT key FROM conveyor_controls WHERE queue = ? AND scope = 'key' AND (paused = 1 OR held_until > ?)"
+# [queue]
+RUNNING = "SELECT count(*) FROM conveyor_items INDEXED BY conveyor_items_running WHERE queue = ? AND state = 'in_progress'"
+RUNNING_KEYS = ("SELECT key, count(*) FROM conveyor_items INDEXED BY conveyor_items_running "
+                "WHERE queue = ? AND state = 'in_progress' AND key IS NOT NULL GROUP BY key")
+# [queue, most]: the keys with pending or running items, by a skip-scan of the keyed index
+PENDING_KEYS = f"""
+WITH RECURSIVE keys(k) AS (
+     SELECT (SELECT key FROM conveyor_items {_KEYED.replace('?6', '?1')} ORDER BY key LIMIT 1)
+     UNION ALL
+     SELECT (SELECT key FROM conveyor_items {_KEYED.replace('?6', '?1')} AND key > keys.k ORDER BY key LIMIT 1)
+       FROM keys WHERE keys.k IS NOT NULL)
+SELECT k FROM keys WHERE k IS NOT NULL LIMIT ?2"""
+# [queue, key, now, most]: a key's first pending items in claim order
+KEY_HEADS = (f"SELECT id, key, priority, run_at FROM conveyor_items {_KEYED.replace('?6', '?1')} AND key = ?2 "
+             "AND state = 'pending' AND run_at <= ?3 ORDER BY priority DESC, run_at, id LIMIT ?4")
+# [queue, now, most]
+UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending "
+                 "WHERE queue = ? AND state = 'pending' AND run_at <= ? AND key IS NULL "
+                 "ORDER BY priority DESC, run_at, id LIMIT ?")
+# [queue, scope, keys as a JSON array]
+RATES = "SELECT key, tat FROM conveyor_rates WHERE queue = ? AND scope = ? AND key IN (SELECT value FROM json_each(?))"
+# [queue, scope, key, tat]
+SET_RATE = ("INSERT INTO conveyor_rates (queue, scope, key, tat) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (queue, scope, key) DO UPDATE SET tat = excluded.tat")
+# a Backoff: back to pending after b2 seconds, the attempt given back
+BACKOFF = (f"{_SETTLE} state = 'pending', attempts = max(attempts - 1, 0), run_at = ?2 + b.b2, updated_at = ?2, "
+           f"{_SETTLE_CLEAR} {_BATCH} {_FENCE}")
+# [ids as a JSON array]
+ITEM_KEYS = "SELECT id, queue, key FROM conveyor_items WHERE id IN (SELECT value FROM json_each(?))"
+# [queue, scope, key, until, reason, now]: a hold never shortens one already there
+HOLD = """INSERT INTO conveyor_controls (queue, scope, key, held_until, reason, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (queue, scope, key) DO UPDATE SET held_until = max(coalesce(conveyor_controls.held_until, 0), excluded.held_until),
+       reason = excluded.reason, updated_at = excluded.updated_at"""
+# [queue, scope, key]
+PAUSE = f"""INSERT INTO conveyor_controls (queue, scope, key, paused, updated_at) VALUES (?, ?, ?, 1, {NOW})
+ON CONFLICT (queue, scope, key) DO UPDATE SET paused = 1, updated_at = excluded.updated_at"""
+RESUME = f"UPDATE conveyor_controls SET paused = 0, updated_at = {NOW} WHERE queue = ? AND scope = ? AND key = ? AND paused = 1"
+# [queue, now]: rows that no longer pause or hold anything
+FORGET_CONTROLS = "DELETE FROM conveyor_controls WHERE queue = ? AND paused = 0 AND (held_until IS NULL OR held_until <= ?)"
+# [now]: what pauses or holds something now, for status
+CONTROLS = ("SELECT queue, scope, key, paused, held_until, reason FROM conveyor_controls "
+            "WHERE paused = 1 OR held_until > ? ORDER BY queue, scope, key")
+
+# -- periodic schedules (stores/schedules.py) ---------------------------------------------------
+SCHEDULES = "SELECT queue, name, schedule, last_tick, next_tick, version, updated_at FROM conveyor_periodic ORDER BY queue, name"
+# [queue, name, schedule, last_tick, next_tick]: no row back if another worker stored it first
+SCHEDULE_CREATE = f"""INSERT INTO conveyor_periodic (queue, name, schedule, last_tick, next_tick, updated_at)
+VALUES (?, ?, ?, ?, ?, {NOW}) ON CONFLICT (queue, name) DO NOTHING RETURNING version"""
+# [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
+SCHEDULE_ADVANCE = f"""UPDATE conveyor_periodic SET schedule = ?, last_tick = ?, next_tick = ?, version = version + 1,
+       updated_at = {NOW} WHERE queue = ? AND name = ? AND version = ? RETURNING version"""

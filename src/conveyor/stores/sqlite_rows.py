@@ -12,7 +12,7 @@ import orjson
 
 from ..errors import UsageError, shown
 from ..model import RowsTable
-from .rows import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
+from .rows_sql import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
 from .sqlite_queries import NOW
 
 # the columns adopt adds: what conveyor keeps of a row's claim, beside the application's columns

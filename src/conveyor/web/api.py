@@ -3,9 +3,8 @@
 With an app (`conveyor serve MODULE:APP`) the server knows its queues, and a queue it does not know
 is a 404; without one it serves whatever the database holds. A table processed in place
 (@app.rows) shows in the stats as a table; its rows are the application's, so it takes no submits
-and no requeues here. Pause and rate limits, once the App has them, join as further routes beside
-requeue (POST /v1/queues/{queue}/...) and as keys of the queue stats, which pass through as the
-store gives them.
+and no requeues here. Pause and resume are routes beside requeue; what else the store reports of a
+queue (its limits, say) passes through the queue stats as the store gives it.
 """
 
 from __future__ import annotations
@@ -34,7 +33,9 @@ from .models import (
     History,
     ItemOut,
     ItemPage,
+    KeyBody,
     NewItemBody,
+    Paused,
     Problem,
     Queues,
     RequeueBody,
@@ -183,6 +184,22 @@ def create_app(app: App, *, known_queues: bool = False, tokens: Tokens | None = 
     def requeue(queue: QueueName, body: RequeueBody | None = None) -> Requeued:
         check_queue(queue, writing=True)
         return Requeued(requeued=app.requeue(queue, None if body is None else body.ids))
+
+    @api.post("/v1/queues/{queue}/pause", response_model=Paused, responses=REFUSALS,
+              summary="Claim nothing more of a queue (or of one key of it) on any worker")
+    def pause(queue: QueueName, body: KeyBody | None = None) -> Paused:
+        check_queue(queue)
+        key = None if body is None else body.key
+        _no_nul(key, "body.key")
+        app.pause(queue, key=key)
+        return Paused(queue=queue, key=key, paused=True)
+
+    @api.post("/v1/queues/{queue}/resume", response_model=Paused, responses=REFUSALS, summary="Undo a pause")
+    def resume(queue: QueueName, body: KeyBody | None = None) -> Paused:
+        check_queue(queue)
+        key = None if body is None else body.key
+        _no_nul(key, "body.key")
+        return Paused(queue=queue, key=key, paused=False, was=app.resume(queue, key=key))
 
     @api.get("/v1/history", response_model=History, responses=REFUSALS,
              summary="The dashboard's charts: throughput and lag per queue over the last minutes")

@@ -98,6 +98,19 @@ class RequeueBody(BaseModel):
                                      description="Only these dead or cancelled items (default: all of the queue's)")
 
 
+class KeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: Text | None = Field(None, description="Only this key of the queue (default: the whole queue)")
+
+
+class Paused(BaseModel):
+    queue: str
+    key: str | None
+    paused: bool = Field(description="Whether it is paused now (resume: false, and `was` says if it had been)")
+    was: bool | None = None
+
+
 class Requeued(BaseModel):
     requeued: int
 

@@ -32,7 +32,11 @@ class Lane:
         self.processor = processor
         self.opts = processor.options
         self.claim = Claim(self.opts.queue, self.opts.batch_size, self.opts.lease_seconds,
-                           self.opts.max_attempts, self.opts.ordered)
+                           self.opts.max_attempts, self.opts.ordered, self.opts.limits)
+        # a rate-limited queue's claims come back short by design: poll at the pace of its rate
+        rates = [r.interval for r in (self.opts.limits.rate_limit, self.opts.limits.key_rate_limit) if r] \
+            if self.opts.limits else []
+        self.poll_max = max(POLL_MIN, min([IDLE_MAX, *rates]))
         b, c = self.opts.batch_size, self.opts.concurrency
         self.capacity = (c + 1) * b if self.opts.batch else c + b
         self.inflight: dict[int, Item] = {}
@@ -104,7 +108,7 @@ class Lane:
     def mark_dry(self) -> None:
         self.dry = True
         self.poll_at = time.monotonic() + self.poll_gap
-        self.poll_gap = min(IDLE_MAX, self.poll_gap * 2)
+        self.poll_gap = min(self.poll_max, self.poll_gap * 2)
 
     def ready(self, now: float) -> bool:
         """Worth a claim now: not dry, or dry long enough to poll (delayed items come due silently)."""

@@ -7,7 +7,8 @@ One worker process runs:
   tasks on a shared event-loop thread for `async def` handlers, running them through the runner
   (runner.py), which records what each run came to in the outcome buffer (outcomes.py);
 - a *keeper* thread (keeper.py): heartbeats and rescue, on its own connection, and a *watchdog*
-  thread for timeout_seconds.
+  thread for timeout_seconds;
+- with periodic schedules, a *scheduler* thread (scheduler.py) that submits their ticks.
 The worker receives what it uses (a store, the processors, a wake-up event), speaks to the Store
 protocol only and never sees SQL. It retries a StoreError (the database hiccuped: nothing is lost,
 the cycle is redone); anything else is a bug and stops the process, so a supervisor restarts it
@@ -17,6 +18,7 @@ and the log says why once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -27,13 +29,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import StoreError, UsageError
-from ..model import Claim, Item, Outcomes, Processor, error_headline
-from ..stores.base import WorkerStore
+from ..model import Item, Outcomes, Processor, error_headline
+from ..periodic import Periodic
+from ..stores.base import ScheduleStore, WorkerStore
 from .keeper import Keeper, Watchdog
 from .lanes import IDLE_MAX, Lane
 from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
 from .runner import Runner, report_refused
+from .scheduler import Scheduler
 
 FLUSH_INTERVAL = 0.002  # seconds an outcome may wait for others to share its settle statement
 FLUSH_MAX = 1000  # outcomes settled in one statement at most
@@ -58,6 +62,8 @@ class Worker:
         prune_after: float | None = None,
         heartbeat_interval: float | None = None,
         rescue_interval: float | None = None,
+        periodics: Sequence[Periodic] = (),
+        schedule_store: ScheduleStore | None = None,
     ):
         if not processors:
             raise UsageError("no processors to run: decorate a handler with @app.processor('queue')")
@@ -98,6 +104,7 @@ class Worker:
         # say), and a timeout checked there would fire only after the hung run had finished
         self.watchdog = Watchdog(lanes, self.outcomes, self.state, self._service_failed,
                                  interval=max(0.02, min([1.0] + [t / 5 for t in timeouts]))) if timeouts else None
+        self.scheduler = self._scheduler(periodics, schedule_store)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -110,8 +117,18 @@ class Worker:
     def _service_failed(self) -> None:
         self.wake.set()  # the loop sees the failure and raises it
 
+    def _scheduler(self, periodics: Sequence[Periodic], store: ScheduleStore | None) -> Scheduler | None:
+        """The thread that keeps `periodics` (on `store`, by default the worker's own), if any."""
+        if not periodics:
+            return None
+        if store is None:
+            if not isinstance(self.store, ScheduleStore):
+                raise UsageError("periodic schedules need a store that keeps them: pass schedule_store=")
+            store = self.store
+        return Scheduler(store, periodics, self.wakeup, self._service_failed, self.log)
+
     def _check_services(self) -> None:
-        for service in (self.keeper, self.watchdog):
+        for service in (self.keeper, self.watchdog, self.scheduler):
             if service is not None and service.failure is not None:
                 raise RuntimeError(f"{service.name} failed") from service.failure
 
@@ -127,7 +144,7 @@ class Worker:
         on PostgreSQL, one transaction on SQLite). If it fails, _step puts the outcomes back."""
         dying: dict[int, tuple[Lane, Item, str]] = {}
         stale: set[tuple[int, int]] = set()
-        entries = [e for part in (out.resolved, out.retried, out.failed, out.released) for e in part]
+        entries = [e for part in (out.resolved, out.retried, out.failed, out.released, out.backedoff) for e in part]
         if out:
             dying = self._dying(out)
             stale = self._stale(entries)
@@ -135,9 +152,7 @@ class Worker:
                 if lane.inflight and lane.settled(entries) and lane.opts.ordered:
                     lane.dry = False  # settling may unblock the next item of a key: claim again
         wants = self._wants()
-        claims = [lane.claim if n == lane.claim.limit else Claim(
-            lane.claim.queue, n, lane.claim.lease_seconds, lane.claim.max_attempts, lane.claim.ordered)
-            for lane, n in wants]
+        claims = [lane.claim if n == lane.claim.limit else dataclasses.replace(lane.claim, limit=n) for lane, n in wants]
         self._unsettled_dying, self._unsettled_stale = dying, stale
         lost, batches = self.store.settle_and_claim(out, claims, self.name)
         self._unsettled_dying, self._unsettled_stale = {}, set()
@@ -155,6 +170,7 @@ class Worker:
         dead = [entry for i, entry in dying.items() if (i, entry[1].claim_token) not in refused]
         self.outcomes.count("resolved", len(kept(out.resolved)))
         self.outcomes.count("released", len(kept(out.released)))
+        self.outcomes.count("backedoff", len(kept(out.backedoff)))
         self.outcomes.count("retried", sum(1 for e in kept(out.retried) if not last_run(e)))
         self.outcomes.count("dead", len(dead) + sum(1 for e in kept(out.failed) if not last_run(e)))
         for lane, item, error in dead:
@@ -402,6 +418,8 @@ class Worker:
         self.keeper.start()
         if self.watchdog is not None:
             self.watchdog.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
 
     def _loop_main(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -426,6 +444,8 @@ class Worker:
         self.keeper.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         for lane in self.lanes.values():
             lane.join_threads(0.5)
 

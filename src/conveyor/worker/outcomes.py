@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Fail, Retry
+from ..errors import Backoff, Fail, Retry
 from ..model import Item, Outcomes, QueueOptions
 from .backoff import backoff_delay
 from .figures import figures
 from .logs import WorkerLog
 
-COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "lost", "rescued")
+COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "backedoff", "lost", "rescued")
 
 
 @dataclass
@@ -97,6 +97,13 @@ class OutcomeBuffer:
                       items[0].attempts, exc.reason, **fields)
             reason = f"Fail: {exc.reason}"
             self._add(lambda o: o.failed.extend((i, t, reason) for i, t in toks), len(items))
+            return
+        if isinstance(exc, Backoff):
+            held = opts.queue if exc.scope == "queue" else "its key"
+            log.info("handler for %r backed off item %s for %gs (%s held; no attempt spent): %s", opts.queue,
+                     which(items), exc.seconds, held, exc.reason, **fields)
+            entries_b = [(i, t, exc.seconds, exc.scope) for i, t in toks]
+            self._add(lambda o: o.backedoff.extend(entries_b), len(items))
             return
         if isinstance(exc, Retry):
             text = f"Retry: {exc.reason}"

@@ -116,7 +116,7 @@ class Runner:
                     raise _Refused(lost)
         except _Refused as exc:
             report_refused(store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
-            self.outcomes.count("lost", len(items))
+            self._release_the_rest(lane, items, exc.item_ids)
         except LeaseLost as exc:
             self.state.log.warning("%s", exc, queue=lane.opts.queue, items=exc.item_ids)
             self.outcomes.count("lost", len(items))
@@ -126,6 +126,19 @@ class Runner:
             self.outcomes.count("resolved", len(items))
         self._settled_itself(lane, items)
         return SETTLED
+
+    def _release_the_rest(self, lane: Lane, items: list[Item], refused: Sequence[int]) -> None:
+        """A transactional batch whose resolution was refused for some items rolled back for all:
+        the others go back to pending at once, their attempt given back (they did nothing wrong),
+        instead of waiting in progress for their lease to expire as if this worker had died."""
+        lost = set(refused)
+        self.outcomes.count("lost", len(lost))
+        rest = [it for it in items if it.id not in lost]
+        if rest:
+            self.state.log.info("released %d other item(s) of the batch (%s): their resolution was rolled back with "
+                                "it", len(rest), some([it.id for it in rest]), queue=lane.opts.queue,
+                                items=[it.id for it in rest])
+            self.outcomes.released(rest)
 
     def _settled_itself(self, lane: Lane, items: list[Item]) -> None:
         lane.settled([(it.id, it.claim_token) for it in items])
@@ -169,7 +182,7 @@ class Runner:
                     raise _Refused(lost)
         except _Refused as exc:
             await asyncio.to_thread(report_refused, store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
-            self.outcomes.count("lost", len(items))
+            self._release_the_rest(lane, items, exc.item_ids)
         else:
             self.outcomes.count("resolved", len(items))
         # any other exception propagates to run_async, which records it for a retry

@@ -1,0 +1,141 @@
+"""Flow control, enforced by the store so that it holds across every worker and machine.
+
+A claim with limits (`Claim.limits`: max_in_progress, key_concurrency, rate limits, fair) runs
+here, inside the claim's transaction, after taking the queue's claim lock (PostgreSQL: the
+advisory lock ordered claims take; SQLite: the write lock every claim holds), so no two limited
+claims of a queue interleave: each one sees what the previous one took, and never overshoots.
+
+1. a paused or held queue claims nothing;
+2. `max_in_progress` caps the batch at what is left of it (items of the queue in progress now);
+3. `rate_limit` caps it at what the queue's rate allows now (GCRA: a theoretical arrival time per
+   queue or key, kept in conveyor_rates; `Rate.burst` starts at once, then one per interval);
+4. with per-key limits or `fair`, candidates are each key's first pending items (up to the batch
+   size per key, over at most MAX_KEYS keys found by a skip-scan), and picked either in claim order
+   (priority, run_at, id) or, with `fair`, round the keys, one of each in turn, each key held to
+   `key_concurrency` minus its items in progress and to what its `key_rate_limit` allows;
+   paused and held keys are left out;
+5. the rate limiters advance by what was taken.
+Plain claims (no limits) stay one statement; they skip paused and held queues and keys too (see
+QUEUE_GOES in the dialects' queries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..model import Claim, Limits, Rate
+
+#: keys a per-key claim looks at, at most (the skip-scan reads one index entry per key)
+MAX_KEYS = 1000
+
+
+def allowed(rate: Rate, tat: float | None, now: float) -> int:
+    """How many starts the rate allows at `now`, given its limiter's theoretical arrival time."""
+    tau = (rate.burst - 1) * rate.interval
+    base = now if tat is None or tat < now else tat
+    if base - now > tau + 1e-9:
+        return 0
+    return int((now + tau - base) / rate.interval + 1e-9) + 1
+
+
+def advanced(rate: Rate, tat: float | None, now: float, taken: int) -> float:
+    """The limiter's theoretical arrival time once `taken` more have started."""
+    return max(tat if tat is not None else now, now) + taken * rate.interval
+
+
+def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
+    """The rows of a claim with limits, taken within the caller's transaction."""
+    q = store.queries
+    limits: Limits = claim.limits  # type: ignore[assignment]
+    store._claim_lock(claim)
+    now = float(conn.execute(q.CONTROL_NOW).fetchone()[0])
+    if conn.execute(q.QUEUE_STOPPED, (claim.queue, now)).fetchone():
+        return []
+    n = claim.limit
+    if limits.max_in_progress is not None:
+        n = min(n, limits.max_in_progress - int(conn.execute(q.RUNNING, (claim.queue,)).fetchone()[0]))
+    queue_tat = None
+    if limits.rate_limit is not None:
+        queue_tat = _tats(store, conn, claim.queue, "queue", [""]).get("")
+        n = min(n, allowed(limits.rate_limit, queue_tat, now))
+    if n <= 0:
+        return []
+    plain = dataclasses.replace(claim, limit=n, limits=None)
+    if claim.ordered or not limits.per_key:
+        rows = store._claim_rows(conn, plain, owner)
+        key_counts: dict[str, int] = {}
+        key_tats: dict[str, float] = {}
+    else:
+        picks, key_tats = _pick(store, conn, claim.queue, limits, n, now)
+        rows = store._claim_ids(conn, plain, owner, picks) if picks else []
+        key_counts = {}
+        for row in rows:
+            if row[3] is not None:  # ITEM_COLUMNS: id, queue, payload, key, ...
+                key_counts[row[3]] = key_counts.get(row[3], 0) + 1
+    if rows and limits.rate_limit is not None:
+        conn.execute(q.SET_RATE, (claim.queue, "queue", "", advanced(limits.rate_limit, queue_tat, now, len(rows))))
+    if limits.key_rate_limit is not None:
+        for key, taken in key_counts.items():
+            conn.execute(q.SET_RATE, (claim.queue, "key", key, advanced(limits.key_rate_limit, key_tats.get(key), now, taken)))
+    return list(rows)
+
+
+def _tats(store: Any, conn: Any, queue: str, scope: str, keys: Sequence[str]) -> dict[str, float]:
+    return {k: float(t) for k, t in conn.execute(store.queries.RATES, (queue, scope, store._id_list(list(keys)))).fetchall()}
+
+
+def _pick(store: Any, conn: Any, queue: str, limits: Limits, n: int, now: float) -> tuple[list[int], dict[str, float]]:
+    """The ids a per-key claim takes, and the key limiters' state it read."""
+    q = store.queries
+    stopped = {r[0] for r in conn.execute(q.STOPPED_KEYS, (queue, now)).fetchall()}
+    keys = [k for k in store._pending_keys(conn, queue, MAX_KEYS) if k not in stopped]
+    most = n if limits.key_concurrency is None else min(n, limits.key_concurrency)
+    if limits.key_rate_limit is not None:
+        most = min(most, limits.key_rate_limit.burst)
+    candidates = list(store._key_heads(conn, queue, keys, now, most)) if keys else []
+    candidates += conn.execute(q.UNKEYED_HEADS, (queue, now, n)).fetchall()
+    room: dict[str | None, float] = {None: math.inf}
+    for key in keys:
+        room[key] = math.inf
+    if limits.key_concurrency is not None:
+        running = dict(conn.execute(q.RUNNING_KEYS, (queue,)).fetchall())
+        for key in keys:
+            room[key] = limits.key_concurrency - running.get(key, 0)
+    key_tats: dict[str, float] = {}
+    if limits.key_rate_limit is not None and keys:
+        key_tats = _tats(store, conn, queue, "key", keys)
+        for key in keys:
+            room[key] = min(room[key], allowed(limits.key_rate_limit, key_tats.get(key), now))
+    order = sorted(candidates, key=lambda c: (-c[2], _sortable(c[3]), c[0]))  # claim order: priority, run_at, id
+    picks: list[int] = []
+    if limits.fair:
+        by_key: dict[Any, list[Any]] = {}
+        for c in order:  # each key's candidates in claim order; the keys in the order of their heads
+            by_key.setdefault(c[1], []).append(c)
+        depth = 0
+        while len(picks) < n:
+            took = False
+            for key, group in by_key.items():
+                if depth < len(group) and room.get(key, 0) > 0 and len(picks) < n:
+                    picks.append(group[depth][0])
+                    room[key] -= 1
+                    took = True
+            if not took:  # every key is out of candidates or of room: later rounds take nothing either
+                break
+            depth += 1
+    else:
+        for c in order:
+            if len(picks) >= n:
+                break
+            if room.get(c[1], 0) > 0:
+                picks.append(c[0])
+                room[c[1]] -= 1
+    return picks, key_tats
+
+
+def _sortable(run_at: Any) -> float:
+    """run_at as the stores return it (unix seconds on SQLite, a datetime on PostgreSQL)."""
+    return run_at.timestamp() if hasattr(run_at, "timestamp") else float(run_at)

@@ -1,0 +1,92 @@
+"""The SQL pieces both dialects' rows statements share (sqlite_rows, postgres_rows): quoting, the
+columns adopt adds, index names, and the settles, which differ only in how a dialect spells a
+parameter, the clock, the larger of two values and a boolean."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model import RowsTable
+
+CONVEYOR_COLUMNS = ("conveyor_token", "conveyor_owner", "conveyor_lease_until", "conveyor_attempts",
+                    "conveyor_run_at", "conveyor_error", "conveyor_rescued")
+
+
+@dataclass
+class TableInfo:
+    """What the database says of an application table."""
+
+    pk: str
+    pk_type: str
+    columns: list[str]
+    indexes: set[str] = field(default_factory=set)
+    triggers: set[str] = field(default_factory=set)
+    types: dict[str, str] = field(default_factory=dict)
+
+
+def quote(name: str) -> str:
+    """An identifier, quoted; a dotted name (schema.table) part by part."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def literal(value: str | int) -> str:
+    """A status value (or any text) as an SQL literal."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def status_literals(rows: RowsTable, cast: str = "") -> dict[str, str]:
+    """The status values as SQL literals, by the state each stands for; `cast` (PostgreSQL: the
+    column's type) makes a CASE over them, and a comparison, of the column's own type (an enum)."""
+    return {state: literal(v) + cast for state, v in rows.values.items()}
+
+
+def index_name(rows: RowsTable, kind: str) -> str:
+    """The name of an index (or trigger) adopt creates for the table: <table>_conveyor_<kind>,
+    cut to PostgreSQL's 63 bytes."""
+    base = rows.table.rpartition(".")[2]
+    suffix = f"_conveyor_{kind}"
+    return base.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How a dialect spells what the rows statements need."""
+
+    arg: Callable[[str], str]  # a named parameter
+    later: Callable[[str], str]  # the database's clock plus a parameter's seconds
+    now: str
+    greatest: str  # the larger of two values
+    true: str
+    false: str
+
+
+def settle_statements(st: Any, rows: RowsTable, pk: str, fence: str, expired: str, sp: Spelling,
+                      values: dict[str, str]) -> None:
+    """The settles, alike on both dialects: each fenced (`fence`: the ids, the claim's token and
+    the working value), each returning the keys it accepted. `expired` selects the rows rescue
+    takes back; `values`: the status values as the dialect writes them (status_literals)."""
+    t, s, p = quote(rows.table), quote(rows.status), quote(pk)
+    pend, done, dead = values["pending"], values["resolved"], values["dead"]
+    clear = "conveyor_owner = NULL, conveyor_lease_until = NULL"
+    spent = f"CASE WHEN conveyor_attempts >= {sp.arg('max_attempts')} THEN {dead} ELSE {pend} END"
+    st.resolve = f"UPDATE {t} SET {s} = {done}, {clear} WHERE {fence} RETURNING {p}"
+    st.extend = f"UPDATE {t} SET conveyor_lease_until = {sp.later('lease')} WHERE {fence} RETURNING {p}"
+    st.release = (f"UPDATE {t} SET {s} = {pend}, conveyor_attempts = {sp.greatest}(conveyor_attempts - 1, 0), {clear} "
+                  f"WHERE {fence} RETURNING {p}")
+    st.retry = (f"UPDATE {t} SET {s} = {spent}, conveyor_run_at = {sp.later('delay')}, conveyor_error = {sp.arg('error')}, "
+                f"conveyor_rescued = {sp.false}, {clear} WHERE {fence} RETURNING {p}")
+    st.backoff = (f"UPDATE {t} SET {s} = {pend}, conveyor_attempts = {sp.greatest}(conveyor_attempts - 1, 0), "
+                  f"conveyor_run_at = {sp.later('delay')}, {clear} WHERE {fence} RETURNING {p}")
+    st.fail = (f"UPDATE {t} SET {s} = {dead}, conveyor_error = {sp.arg('error')}, conveyor_rescued = {sp.false}, {clear} "
+               f"WHERE {fence} RETURNING {p}")
+    st.rescue = (
+        f"UPDATE {t} SET {s} = {spent}, "
+        "conveyor_error = 'lease expired: worker ' || coalesce(conveyor_owner, '?') || "
+        "' stopped heartbeating during attempt ' || conveyor_attempts || "
+        "' (it crashed, was killed, or lost the database)', "
+        f"conveyor_rescued = {sp.true}, conveyor_run_at = {sp.now}, conveyor_token = NULL, {clear} "
+        f"WHERE {p} IN ({expired}) RETURNING {p}, {s} = {dead}")
