@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean serve bench-serve
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,cron,demo]"
+	$(BIN)/python -m pip install -q -e ".[test,cron,demo,web]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -27,6 +27,14 @@ lint: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.throughput
+
+# the HTTP API, the dashboard and /metrics on http://127.0.0.1:8000 (over $$CONVEYOR_DATABASE_URL)
+serve: $(BIN)/.installed
+	$(BIN)/conveyor serve
+
+# submits over HTTP next to app.submit, and the dashboard's routes over 1,000,000 items
+bench-serve: $(BIN)/.installed
+	$(BIN)/python -m bench.serve
 
 # the whole suite, both stores (bench/README.md); needs the bench extras (matplotlib for the chart)
 .PHONY: bench-all bench-quick

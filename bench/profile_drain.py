@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.profile_drain --summarize bench/results/drain.folded   # top functions
 
 Only the drain is worth reading in the profile (the submit runs first, in the parent process, and
-shows up as submit_many / _new_item frames).
+shows up as submit_many / new_item frames).
 """
 
 from __future__ import annotations

@@ -457,7 +457,7 @@ class App:
         conn: your own open connection to the same database (sqlite3.Connection or
         psycopg.Connection); the item is inserted inside your transaction and exists if and only if
         you commit it."""
-        item = self._new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {shown(queue)}")
+        item = self.new_item(queue, payload, key, dedup_key, run_at, priority, f"submit to {shown(queue)}")
         (item_id,) = self.store.submit_many([item]) if conn is None else self.store.submit_many([item], conn=conn)
         self.wakeup.set()
         if item_id is not None:
@@ -568,7 +568,9 @@ class App:
         self.wakeup.set()
         return stored
 
-    def _new_item(self, queue: Any, payload: Any, key: Any, dedup_key: Any, run_at: Any, priority: Any, where: str) -> NewItem:
+    def new_item(self, queue: Any, payload: Any, key: Any, dedup_key: Any, run_at: Any, priority: Any, where: str) -> NewItem:
+        """One submission checked as submit checks it (a UsageError starting with `where` names
+        what is wrong), ready for submit_items."""
         check_queue_name(queue)
         check_priority(priority, where)
         return NewItem(

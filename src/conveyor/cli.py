@@ -306,6 +306,41 @@ def worker(ctx: click.Context, app_spec: str, queues: tuple[str, ...], processes
                    prune_after=None if prune_after is None else parse_duration(prune_after, "--prune-after"))
 
 
+# -- serve ----------------------------------------------------------------------------------------
+@main.command()
+@global_options
+@click.argument("app_spec", metavar="[MODULE:APP]", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", "tokens", multiple=True, metavar="T", help="A read-write API token (repeatable).")
+@click.option("--read-token", "read_tokens", multiple=True, metavar="T", help="A read-only API token (repeatable).")
+@click.option("--insecure", is_flag=True, help="Serve a non-loopback --host without any token.")
+@click.option("--max-body", default=1024 * 1024, show_default=True, type=click.IntRange(1), metavar="BYTES",
+              help="Larger request bodies are refused (413).")
+@click.pass_context
+@friendly
+def serve(ctx: click.Context, app_spec: str | None, host: str, port: int, tokens: tuple[str, ...],
+          read_tokens: tuple[str, ...], insecure: bool, max_body: int) -> None:
+    """The HTTP API (/v1), the dashboard (/) and /metrics in one process. With MODULE:APP it serves
+    the app's queues only; without, every queue the database holds. Tokens: --token, --read-token,
+    or $CONVEYOR_API_TOKENS ("write:T1,read:T2"; a bare token is read-write)."""
+    try:
+        from .web.auth import ENV, Tokens
+        from .web.server import serve as run_server
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    tokens_set = Tokens.from_options(tokens, read_tokens, os.environ.get(ENV))
+    if app_spec:
+        app = load_app(app_spec)
+        if ctx.obj["db"]:
+            app.close()
+            app.url = ctx.obj["db"]
+    else:
+        app = app_from(ctx)
+    run_server(app, known_queues=app_spec is not None, host=host, port=port, tokens=tokens_set, insecure=insecure,
+               max_body=max_body)
+
+
 # -- adopt ----------------------------------------------------------------------------------------
 @main.command()
 @global_options

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import Backoff, Fail, Retry
 from ..model import Item, Outcomes, QueueOptions
 from .backoff import backoff_delay
+from .figures import figures
 from .logs import WorkerLog
 
 COUNTERS = ("claimed", "resolved", "retried", "dead", "released", "backedoff", "lost", "rescued")
@@ -60,6 +61,7 @@ class OutcomeBuffer:
         #: outcomes that make a cycle worth running at once (the cycle sets it from what runs)
         self.flush_at = 1
         self.counts = {key: 0 for key in COUNTERS}
+        self.figures = figures()
 
     # -- recording (any thread) -------------------------------------------------------------------
     def _add(self, add: Any, n: int) -> None:
@@ -119,6 +121,8 @@ class OutcomeBuffer:
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(
                 it.attempts, opts.backoff_base, opts.backoff_max)
             entries.append((i, t, delay, text))
+        if self.figures is not None:  # the store sends an item with its attempts spent to dead instead
+            self.figures.retried(opts.queue, sum(1 for it in items if it.attempts < (it.max_attempts or opts.max_attempts)))
         self._add(lambda o: o.retried.extend(entries), len(items))
 
     def count(self, key: str, n: int) -> None:

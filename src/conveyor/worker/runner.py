@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..errors import LeaseLost
 from ..model import Item, Processor, QueueOptions, State
 from ..stores.base import WorkerStore
+from .figures import figures
 from .logs import WorkerLog
 from .outcomes import OutcomeBuffer, RunState, some
 
@@ -68,8 +70,28 @@ class Runner:
         #: set when a transactional run settled items (an ordered key may move on)
         self.wake = wake
         self.state = state
+        #: handler durations and lags for /metrics, when a metrics directory is set (worker.figures)
+        self.figures = figures()
 
     def run_sync(self, lane: Lane, items: list[Item]) -> BaseException | None | object:
+        if self.figures is None:
+            return self._run_sync(lane, items)
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            return self._run_sync(lane, items)
+        finally:
+            self.figures.ran(lane.opts.queue, items, started, time.perf_counter() - t0)
+
+    async def run_async(self, lane: Lane, items: list[Item]) -> None:
+        if self.figures is None:
+            return await self._run_async(lane, items)
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            return await self._run_async(lane, items)
+        finally:
+            self.figures.ran(lane.opts.queue, items, started, time.perf_counter() - t0)
+
+    def _run_sync(self, lane: Lane, items: list[Item]) -> BaseException | None | object:
         """Run a sync handler; returns its exception, None on success, or SETTLED when a
         transactional run settled the items itself."""
         arg: Any = items if lane.opts.batch else items[0]
@@ -124,7 +146,7 @@ class Runner:
             lane.dry = False  # the next item of this key may start now
         self.wake.set()
 
-    async def run_async(self, lane: Lane, items: list[Item]) -> None:
+    async def _run_async(self, lane: Lane, items: list[Item]) -> None:
         arg: Any = items if lane.opts.batch else items[0]
         try:
             if lane.opts.transactional:
