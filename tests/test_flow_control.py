@@ -20,6 +20,7 @@ import pytest
 from waiting import wait_until
 
 import conveyor
+from conveyor.model import Claim
 
 APP_MODULE = textwrap.dedent(
     """
@@ -304,3 +305,28 @@ def test_backoff_rejects_bad_arguments():
         conveyor.Backoff(1, scope="tenant")
     with pytest.raises(ValueError, match="number of seconds"):
         conveyor.Backoff(-1)
+
+
+def test_why_an_item_is_not_running(store_url):
+    import datetime as dt
+
+    app = conveyor.App(store_url)
+    app.processor("jobs", ordered=True, max_in_progress=1)(lambda item: None)
+    first = app.submit("jobs", {"n": 1}, key="k")
+    second = app.submit("jobs", {"n": 2}, key="k")
+    later = app.submit("jobs", {"n": 3}, run_at=dt.timedelta(hours=1))
+    assert "waiting for a worker: 3 item(s)" in app.why(first)
+    assert f"held by its key's order: item {first} of key 'k' is pending before it" in app.why(second)
+    assert "scheduled: its run_at comes in" in app.why(later)
+    app.pause("jobs", key="k")
+    assert "paused: its key 'k' is paused (conveyor resume jobs --key k)" in app.why(first)
+    app.resume("jobs", key="k")
+    # a claimed item fills max_in_progress=1: the next is limited
+    claimed = app.store.claim(Claim("jobs", 1, 30.0, 5), "test")
+    assert [it.id for it in claimed] == [first]
+    assert "limited: max_in_progress=1 items of its queue are running" in app.why(later)
+    assert app.why(first) is None  # running, not waiting
+    out = subprocess.run([sys.executable, "-m", "conveyor", "--db", store_url, "show", str(later)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "waiting:" in out.stdout and "scheduled" in out.stdout, out.stdout + out.stderr
+    app.close()

@@ -140,6 +140,11 @@ def _pick(spec: KeySpec, payload: Any, field: str, where: str) -> str | None:
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def check_table_name(table: Any, where: str) -> str:
     """A table name: an identifier, or schema.identifier (PostgreSQL)."""
     if not isinstance(table, str) or not all(_IDENTIFIER.match(part) for part in table.split(".")) \
@@ -660,6 +665,47 @@ class App:
         was = self.store.resume(queue, _optional_text(key, "key", "resume"))
         self.wakeup.set()
         return was
+
+    def why(self, item_id: int) -> str | None:
+        """Why a pending item is not running yet, in words (None unless it is pending): scheduled
+        for later, its queue or key paused or held by a Backoff, behind an earlier item of its key
+        (ordered queues), held back by its queue's limits, or waiting for a worker."""
+        item = self.get(item_id)
+        if item.state != "pending":
+            return None
+        store, queue = self.store, item.queue
+        now = store.clock()
+        run_at = item.run_at.timestamp() if item.run_at is not None else now
+        reasons = []
+        if run_at > now:
+            reasons.append(f"scheduled: its run_at comes in {_age(run_at - now)}")
+        for c in store.controls():
+            if c["queue"] != queue or c["key"] not in (None, item.key):
+                continue
+            what = "its queue" if c["key"] is None else f"its key {c['key']!r}"
+            if c["paused"]:
+                resume = f"conveyor resume {queue}" + ("" if c["key"] is None else f" --key {c['key']}")
+                reasons.append(f"paused: {what} is paused ({resume})")
+            if c["held_until"]:
+                reasons.append(f"held: {what} is held by a Backoff for {_age(c['held_until'] - now)} more")
+        processor = self.processors.get(queue)
+        if item.key is not None and (processor is None or processor.options.ordered):
+            ahead = store.key_ahead(queue, item.key, item.id)
+            if ahead is not None:
+                note = "" if processor is not None else " (if its queue is ordered)"
+                reasons.append(f"held by its key's order: item {ahead[0]} of key {item.key!r} is {ahead[1]} before it{note}")
+        limits = processor.options.limits if processor is not None else None
+        if limits is not None and limits.max_in_progress is not None:
+            running = self.stats([queue])[queue]["in_progress"]
+            if running >= limits.max_in_progress:
+                reasons.append(f"limited: max_in_progress={limits.max_in_progress} items of its queue are running")
+        if limits is not None and (limits.rate_limit or limits.key_rate_limit):
+            reasons.append("may be limited: its queue is rate limited (" + ", ".join(
+                f"{k}={v}" for k, v in limits.describe().items() if "rate" in k) + ")")
+        if not reasons:
+            pending = self.stats([queue])[queue]["pending"]
+            reasons.append(f"waiting for a worker: {pending:,} item(s) of {queue!r} are pending")
+        return "; ".join(reasons)
 
     def controls(self) -> list[dict[str, Any]]:
         """What is paused or held now: [{queue, key (None: the whole queue), paused, held_until

@@ -637,9 +637,11 @@ def items(ctx: click.Context, queue: str, state: str | None, key: str | None, li
 @friendly
 def show(ctx: click.Context, item_id: int, as_json: bool) -> None:
     """One item whole: its fields, its payload and its last error (the full traceback)."""
-    item = app_from(ctx, read_only=True).get(item_id)
+    app = app_from(ctx, read_only=True)
+    item = app.get(item_id)
+    why = app.why(item_id)
     if as_json:
-        click.echo(json.dumps(item_json(item), indent=2, ensure_ascii=False))
+        click.echo(json.dumps({**item_json(item), "why": why} if why else item_json(item), indent=2, ensure_ascii=False))
         return
     attempts = f"{item.attempts}" + (f" of {item.max_attempts}" if item.max_attempts else "")
     fields = [("queue", item.queue), ("state", str(item.state)), ("key", item.key), ("dedup key", item.dedup_key),
@@ -650,6 +652,8 @@ def show(ctx: click.Context, item_id: int, as_json: bool) -> None:
     for name, value in fields:
         if value is not None:
             click.echo(f"  {name + ':':<10} {value}")
+    if why:
+        click.echo(f"  {'waiting:':<10} {why}")
     click.echo("payload:")
     click.echo(textwrap.indent(json.dumps(item.payload, indent=2, ensure_ascii=False), "  "))
     if item.last_error:

@@ -166,6 +166,12 @@ class Store(WorkerStore, ScheduleStore, Protocol):
     def controls(self) -> list[dict[str, Any]]:
         """What pauses or holds something now: [{queue, key, paused, held_until, reason}]."""
 
+    def clock(self) -> float:
+        """The database's clock, unix seconds."""
+
+    def key_ahead(self, queue: str, key: str, item_id: int) -> tuple[int, str] | None:
+        """(id, state) of the earliest pending or running item of the key before this one."""
+
     # -- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:
         """Close every connection this store opened."""

@@ -583,3 +583,6 @@ VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s)) ON CONFLICT (queue, name
 SCHEDULE_ADVANCE = """UPDATE conveyor_periodic SET schedule = %s, last_tick = to_timestamp(%s), next_tick = to_timestamp(%s),
        version = version + 1, updated_at = statement_timestamp() WHERE queue = %s AND name = %s AND version = %s
 RETURNING version"""
+# [queue, key, id]: the earliest unfinished item of the key before this one (why an ordered item waits)
+KEY_AHEAD = ("SELECT id, state FROM conveyor_items WHERE queue = %s AND key = %s AND key IS NOT NULL "
+             "AND state IN ('pending', 'in_progress') AND id < %s ORDER BY id LIMIT 1")

@@ -31,7 +31,7 @@ _FORK_ORPHANS: list[Any] = []
 TRANSLATED = (
     "migrate", "submit_many", "submit_payloads", "find_dedup", "claim", "resolve", "retry", "fail", "release",
     "settle_and_claim", "extend_leases", "rescue_expired", "get", "get_many", "stats", "has_work", "cancel", "requeue",
-    "purge", "wait_for_change", "list_items", "resolve_in", "backoff", "pause", "resume", "controls",
+    "purge", "wait_for_change", "list_items", "resolve_in", "backoff", "pause", "resume", "controls", "clock", "key_ahead",
     "schedules", "advance_schedule",  # schedules.ScheduleQueries
 )
 
@@ -355,6 +355,15 @@ class SQLStore(ScheduleQueries):
                                                     "" if key is None else key)).rowcount
             self._notify([queue])
         return bool(n)
+
+    def clock(self) -> float:
+        """The database's clock, unix seconds."""
+        return float(self._execute(self.queries.CONTROL_NOW).fetchone()[0])
+
+    def key_ahead(self, queue: str, key: str, item_id: int) -> tuple[int, str] | None:
+        """The earliest pending or running item of the key submitted before this one, if any."""
+        row = self._execute(self.queries.KEY_AHEAD, (queue, key, item_id)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def controls(self) -> list[dict[str, Any]]:
         """What pauses or holds something now: [{queue, key (None: the whole queue), paused,

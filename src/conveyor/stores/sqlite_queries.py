@@ -439,3 +439,6 @@ VALUES (?, ?, ?, ?, ?, {NOW}) ON CONFLICT (queue, name) DO NOTHING RETURNING ver
 # [schedule, last_tick, next_tick, queue, name, version]: no row back if the version moved on
 SCHEDULE_ADVANCE = f"""UPDATE conveyor_periodic SET schedule = ?, last_tick = ?, next_tick = ?, version = version + 1,
        updated_at = {NOW} WHERE queue = ? AND name = ? AND version = ? RETURNING version"""
+# [queue, key, id]: the earliest unfinished item of the key before this one (why an ordered item waits)
+KEY_AHEAD = ("SELECT id, state FROM conveyor_items INDEXED BY conveyor_items_keyed WHERE queue = ? AND key = ? "
+             "AND key IS NOT NULL AND state IN ('pending', 'in_progress') AND id < ? ORDER BY id LIMIT 1")
