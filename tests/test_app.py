@@ -14,6 +14,7 @@ from conveyor import App, State, UsageError
 def test_public_api_is_pinned():
     assert conveyor.__all__ == [
         "App",
+        "Backoff",
         "ConveyorError",
         "Fail",
         "Item",
