@@ -9,11 +9,12 @@ claims of a queue interleave: each one sees what the previous one took, and neve
 2. `max_in_progress` caps the batch at what is left of it (items of the queue in progress now);
 3. `rate_limit` caps it at what the queue's rate allows now (GCRA: a theoretical arrival time per
    queue or key, kept in conveyor_rates; `Rate.burst` starts at once, then one per interval);
-4. with per-key limits or `fair`, candidates are each key's first pending items (up to the batch
-   size per key, over at most MAX_KEYS keys found by a skip-scan), and picked either in claim order
-   (priority, run_at, id) or, with `fair`, round the keys, one of each in turn, each key held to
-   `key_concurrency` minus its items in progress and to what its `key_rate_limit` allows;
-   paused and held keys are left out;
+4. with per-key limits, candidates are the queue's next items in claim order (priority, run_at,
+   id; CANDIDATE_DEPTH batches deep) and are picked in that order; with `fair`, each key's first
+   few pending items (its share of the batch, over at most MAX_KEYS keys found by a skip-scan),
+   picked round the keys, one of each in turn; either way each key is held to `key_concurrency`
+   minus its items in progress and to what its `key_rate_limit` allows, and paused and held keys
+   are left out;
 5. the rate limiters advance by what was taken.
 Plain claims (no limits) stay one statement; they skip paused and held queues and keys too (see
 QUEUE_GOES in the dialects' queries).
@@ -28,8 +29,10 @@ from typing import Any
 
 from ..model import Claim, Limits, Rate
 
-#: keys a per-key claim looks at, at most (the skip-scan reads one index entry per key)
+#: keys a fair claim looks at, at most (the skip-scan reads one index entry per key)
 MAX_KEYS = 1000
+#: a per-key claim without fair reads this many batches of the queue's next items, at most
+CANDIDATE_DEPTH = 4
 
 
 def allowed(rate: Rate, tat: float | None, now: float) -> int:
@@ -91,12 +94,22 @@ def _pick(store: Any, conn: Any, queue: str, limits: Limits, n: int, now: float)
     """The ids a per-key claim takes, and the key limiters' state it read."""
     q = store.queries
     stopped = {r[0] for r in conn.execute(q.STOPPED_KEYS, (queue, now)).fetchall()}
-    keys = [k for k in store._pending_keys(conn, queue, MAX_KEYS) if k not in stopped]
-    most = n if limits.key_concurrency is None else min(n, limits.key_concurrency)
-    if limits.key_rate_limit is not None:
-        most = min(most, limits.key_rate_limit.burst)
-    candidates = list(store._key_heads(conn, queue, keys, now, most)) if keys else []
-    candidates += conn.execute(q.UNKEYED_HEADS, (queue, now, n)).fetchall()
+    if limits.fair:
+        # each key's first few: enough for its share of the batch, round the keys
+        keys = [k for k in store._pending_keys(conn, queue, MAX_KEYS) if k not in stopped]
+        most = max(1, -(-n // max(1, len(keys))))
+        if limits.key_concurrency is not None:
+            most = min(most, limits.key_concurrency)
+        if limits.key_rate_limit is not None:
+            most = min(most, limits.key_rate_limit.burst)
+        candidates = list(store._key_heads(conn, queue, keys, now, most)) if keys else []
+        candidates += conn.execute(q.UNKEYED_HEADS, (queue, now, n)).fetchall()
+    else:
+        # the queue's next items in claim order, a few batches deep, less paused or held keys: a
+        # key at its limit gives way to the next ones (fair=True looks at every key instead)
+        candidates = [c for c in conn.execute(q.CANDIDATES, (queue, now, n * CANDIDATE_DEPTH)).fetchall()
+                      if c[1] is None or c[1] not in stopped]
+        keys = list(dict.fromkeys(c[1] for c in candidates if c[1] is not None))
     room: dict[str | None, float] = {None: math.inf}
     for key in keys:
         room[key] = math.inf

@@ -586,3 +586,6 @@ RETURNING version"""
 # [queue, key, id]: the earliest unfinished item of the key before this one (why an ordered item waits)
 KEY_AHEAD = ("SELECT id, state FROM conveyor_items WHERE queue = %s AND key = %s AND key IS NOT NULL "
              "AND state IN ('pending', 'in_progress') AND id < %s ORDER BY id LIMIT 1")
+# [queue, now, most]: the queue's next pending due items in claim order (a limited claim's candidates)
+CANDIDATES = ("SELECT id, key, priority, run_at FROM conveyor_items WHERE queue = %s AND state = 'pending' "
+              "AND run_at <= to_timestamp(%s) ORDER BY priority DESC, run_at, id LIMIT %s")

@@ -104,7 +104,11 @@ def adopt_ddl(rows: RowsTable, info: TableInfo, declaration: str | None) -> list
     pend, work = values["pending"], values["in_progress"]
     missing = [f"ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in COLUMN_TYPES.items() if name not in info.columns]
     out = [f"ALTER TABLE {t} " + ", ".join(missing)] if missing else []
-    pending_cols = f"{p}, conveyor_run_at" + (f", {quote(rows.key)}" if rows.key else "")
+    # coalesce(pk, pk): the primary key's own order, but an expression only this index holds, so a
+    # claim (ORDER BY the same expression) always walks it, never the primary key's index, which
+    # stale statistics (a table analyzed while all its rows were pending) make look as good, and
+    # which then walks every done row from the start at every claim
+    pending_cols = f"coalesce({p}, {p}), conveyor_run_at" + (f", {quote(rows.key)}" if rows.key else "")
     wanted = [("pending", f"({pending_cols}) WHERE {s} = {pend}"),
               ("working", f"(conveyor_lease_until) WHERE {s} = {work}")]
     if rows.key:
@@ -166,7 +170,7 @@ class Statements:
                  "conveyor_attempts = r.conveyor_attempts + 1 "
                  f"FROM (SELECT c.{p} FROM {t} AS c WHERE c.{s} = {pend} "
                  f"AND (c.conveyor_run_at IS NULL OR c.conveyor_run_at <= {NOW}){{blocked}} "
-                 f"ORDER BY c.{p} LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) AS pick "
+                 f"ORDER BY coalesce(c.{p}, c.{p}) LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) AS pick "
                  f"WHERE r.{p} = pick.{p} RETURNING r.{p} AS conveyor_pk, r.*")
         self.claim = claim.format(blocked="")
         self.claim_ordered = claim.format(blocked=blocked)

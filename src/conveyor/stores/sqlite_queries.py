@@ -442,3 +442,6 @@ SCHEDULE_ADVANCE = f"""UPDATE conveyor_periodic SET schedule = ?, last_tick = ?,
 # [queue, key, id]: the earliest unfinished item of the key before this one (why an ordered item waits)
 KEY_AHEAD = ("SELECT id, state FROM conveyor_items INDEXED BY conveyor_items_keyed WHERE queue = ? AND key = ? "
              "AND key IS NOT NULL AND state IN ('pending', 'in_progress') AND id < ? ORDER BY id LIMIT 1")
+# [queue, now, most]: the queue's next pending due items in claim order (a limited claim's candidates)
+CANDIDATES = ("SELECT id, key, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending "
+              "WHERE queue = ? AND state = 'pending' AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?")
