@@ -585,3 +585,21 @@ def test_a_refused_row_in_a_transactional_batch_sends_the_others_back_at_once(si
     assert sorted(side.run("SELECT order_id, attempt FROM effects")) == [(2, 1), (3, 1)]  # the attempt given back
     assert out["counts"]["lost"] == 1 and out["counts"]["released"] == 2
     app.close()
+
+
+def test_a_backoff_sends_the_row_back_to_pending_without_spending_an_attempt(side, store_url):
+    create_orders(side, [(1, "new")])
+    app = conveyor.App(store_url)
+    runs: list[int] = []
+
+    @app.rows("orders", **STATUS, max_attempts=1)
+    def assign(item):
+        runs.append(item.attempts)
+        if len(runs) == 1:
+            raise conveyor.Backoff(0.2)  # with max_attempts=1, a spent attempt would make the row dead
+
+    app.adopt(apply=True)
+    counts = app.run_worker(stop_when_empty=True)
+    assert runs == [1, 1] and counts["backedoff"] == 1
+    assert side.statuses() == {1: "assigned"}
+    app.close()

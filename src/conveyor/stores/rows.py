@@ -31,6 +31,8 @@ from .common import new_token, refused
 from .rows_sql import CONVEYOR_COLUMNS, TableInfo, index_name
 
 _HIDDEN = frozenset(CONVEYOR_COLUMNS) | {"conveyor_pk"}
+# what a settle entry carries after (id, token), by outcome (a backoff's scope is the queues' matter)
+_RETRY, _FAIL, _BACKOFF = ("delay", "error"), ("error",), ("delay",)
 
 
 def declaration(rows: RowsTable) -> str:
@@ -241,14 +243,13 @@ class RowsStore:
             accepted += [r[0] for r in conn.execute(sql, {"ids": self.dialect.ids_param(ids), "token": token, **args})]
         return refused(tokens, accepted)
 
-    def _each(self, conn: Any, sql: str, entries: Sequence[Sequence[Any]], **args: Any) -> list[int]:
-        """A statement per entry (retries and failures carry their own delay and error)."""
+    def _each(self, conn: Any, sql: str, entries: Sequence[Sequence[Any]], names: Sequence[str], **args: Any) -> list[int]:
+        """A statement per entry: (id, token, *values), the values bound to `names` (a retry's
+        delay and error, a failure's error, a backoff's delay)."""
         lost = []
         for entry in entries:
-            extra = {"delay": float(entry[2]), "error": _clean(entry[3])} if len(entry) == 4 else {"error": _clean(entry[2])}
-            if sql == self.sql.backoff:
-                extra.pop("error")
-            got = conn.execute(sql, {"ids": self.dialect.ids_param([entry[0]]), "token": entry[1], **extra, **args}).fetchall()
+            values = {name: float(v) if name == "delay" else _clean(v) for name, v in zip(names, entry[2:])}
+            got = conn.execute(sql, {"ids": self.dialect.ids_param([entry[0]]), "token": entry[1], **values, **args}).fetchall()
             if not got:
                 lost.append(entry[0])
         return lost
@@ -256,12 +257,12 @@ class RowsStore:
     def _settle_on(self, conn: Any, outcomes: Outcomes) -> list[int]:
         s = self.sql
         lost = self._by_token(conn, s.resolve, outcomes.resolved)
-        lost += self._each(conn, s.retry, outcomes.retried, max_attempts=self.max_attempts)
-        lost += self._each(conn, s.fail, outcomes.failed)
+        lost += self._each(conn, s.retry, outcomes.retried, _RETRY, max_attempts=self.max_attempts)
+        lost += self._each(conn, s.fail, outcomes.failed, _FAIL)
         lost += self._by_token(conn, s.release, outcomes.released)
         # a Backoff holds only the row itself here (its run_at): holds of keys and queues are the
         # queues' flow control
-        lost += self._each(conn, s.backoff, [(i, t, sec, "") for i, t, sec, _ in outcomes.backedoff])
+        lost += self._each(conn, s.backoff, outcomes.backedoff, _BACKOFF)
         return lost
 
     @_translating
@@ -283,12 +284,12 @@ class RowsStore:
     @_translating
     def retry(self, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
         with self.base.transaction() as conn:
-            return self._each(conn, self.sql.retry, entries, max_attempts=self.max_attempts)
+            return self._each(conn, self.sql.retry, entries, _RETRY, max_attempts=self.max_attempts)
 
     @_translating
     def fail(self, entries: Sequence[tuple[int, int, str]]) -> list[int]:
         with self.base.transaction() as conn:
-            return self._each(conn, self.sql.fail, entries)
+            return self._each(conn, self.sql.fail, entries, _FAIL)
 
     @_translating
     def release(self, tokens: Sequence[Token]) -> list[int]:

@@ -318,7 +318,8 @@ class SQLStore(ScheduleQueries):
     def _backoff_on(self, conn: Any, entries: Sequence[tuple[int, int, float, str]]) -> list[int]:
         q = self.queries
         lost = self._fenced(q.BACKOFF, [(i, t, float(sec)) for i, t, sec, _ in entries])
-        taken = [e for e in entries if e[0] not in set(lost)]
+        refused_ids = set(lost)
+        taken = [e for e in entries if e[0] not in refused_ids]
         if not taken:
             return lost
         where = {row[0]: (row[1], row[2]) for row in conn.execute(q.ITEM_KEYS, (self._id_list([e[0] for e in taken]),))}
