@@ -65,12 +65,24 @@ class Run:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, processes: int = 3, **env: str) -> subprocess.Popen:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "worker", "flowapp:app", "--processes", str(processes)],
-            cwd=self.tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "T_URL": self.url, "T_LOG": str(self.log), "PYTHONPATH": str(self.tmp), **env})
+        n = len(self.procs)
+        with open(self.tmp / f"worker{n}.out", "w") as out, open(self.tmp / f"worker{n}.err", "w") as err:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "worker", "flowapp:app", "--processes", str(processes)],
+                cwd=self.tmp, text=True, stdout=out, stderr=err,
+                env={**os.environ, "T_URL": self.url, "T_LOG": str(self.log), "PYTHONPATH": str(self.tmp), **env})
         self.procs.append(p)
         return p
+
+    def wait_started(self, workers: int) -> None:
+        """Until `workers` worker processes have said they started (each logs it before its first claim)."""
+        def started() -> int:
+            assert all(p.poll() is None for p in self.procs), self.output()
+            return sum(f.read_text().count(" started on ") for f in self.tmp.glob("worker*.err"))
+        wait_until(lambda: started() >= workers, 60, f"{workers} workers started")
+
+    def output(self) -> str:
+        return "\n".join(f.read_text() for f in sorted(self.tmp.glob("worker*.*")))
 
     def events(self, kind: str | None = None) -> list[tuple[str, int, int, str, int]]:
         if not self.log.exists():
@@ -88,10 +100,10 @@ class Run:
                 p.terminate()
         for p in self.procs:
             try:
-                p.communicate(timeout=60)
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-                p.communicate()
+                p.wait()
 
 
 @pytest.fixture
@@ -126,14 +138,44 @@ def resolved(url: str, queue: str = "jobs") -> int:
 # -- across processes --------------------------------------------------------------------------
 
 def test_max_in_progress_holds_across_three_processes(run, store_url):
+    """Three processes of one handler each could run three at once; the limit lets two. Each
+    process claims only what it can start, so two run at once only where two processes share it."""
+    run.start(3, T_MAX="2", T_CONC="1", T_SLEEP="0.05")
+    run.wait_started(3)
     app = conveyor.App(store_url)
     app.submit_many("jobs", [{"n": i} for i in range(60)])
-    run.start(3, T_MAX="3", T_CONC="8", T_SLEEP="0.05")
     wait_until(lambda: resolved(store_url) == 60, 120, "60 items resolved")
     events = run.events()
-    assert overlap(events) <= 3, overlap(events)
-    assert overlap(events) == 3  # the limit allowed three, and the work was there to use them
+    assert overlap(events) <= 2, overlap(events)
+    assert overlap(events) == 2  # the limit allowed two, and the work was there to use them
     assert len({pid for *_, pid in run.events("start")}) >= 2  # shared between processes
+    app.close()
+
+
+def test_a_limited_worker_claims_only_what_it_can_start(store_url):
+    """A worker of two threads under max_in_progress=3 holds two items at most: one claimed ahead
+    of a free thread would fill a slot of the limit that another worker could run it in."""
+    app = conveyor.App(store_url)
+    running, most, held = set(), [0], [0]
+    lock = threading.Lock()
+
+    @app.processor("jobs", batch_size=10, concurrency=2, max_in_progress=3)
+    def handle(item):
+        with lock:
+            running.add(item.id)
+            most[0] = max(most[0], len(running))
+        in_progress = app.stats(["jobs"])["jobs"]["in_progress"]
+        with lock:
+            held[0] = max(held[0], in_progress)
+        time.sleep(0.01)
+        with lock:
+            running.discard(item.id)
+
+    app.submit_many("jobs", [{"n": i} for i in range(30)])
+    app.run_worker(stop_when_empty=True)
+    assert app.stats(["jobs"])["jobs"]["resolved"] == 30
+    assert most[0] == 2
+    assert held[0] == 2, held[0]
     app.close()
 
 

@@ -38,7 +38,14 @@ class Lane:
             if self.opts.limits else []
         self.poll_max = max(POLL_MIN, min([IDLE_MAX, *rates]))
         b, c = self.opts.batch_size, self.opts.concurrency
-        self.capacity = (c + 1) * b if self.opts.batch else c + b
+        limits = self.opts.limits
+        #: under a limit on what is in progress, an item claimed ahead of a free hand would hold a
+        #: slot another worker could run it in: claim only what can start now
+        self.ahead = not (limits and (limits.max_in_progress or limits.key_concurrency))
+        if self.opts.batch:
+            self.capacity = (c + 1) * b if self.ahead else c * b
+        else:
+            self.capacity = c + b if self.ahead else c
         self.inflight: dict[int, Item] = {}
         self.lock = threading.Lock()
         #: (id, token) of claims whose lease the heartbeat found lost: not worth starting
@@ -65,7 +72,7 @@ class Lane:
         b = self.opts.batch_size
         if self.opts.batch:
             return b if free >= b else 0
-        if not self.inflight:
+        if not self.inflight or not self.ahead:
             return min(b, free)
         return min(b, free) if free >= max(1, b // 2) else 0
 
