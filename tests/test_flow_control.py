@@ -138,23 +138,36 @@ def resolved(url: str, queue: str = "jobs") -> int:
 # -- across processes --------------------------------------------------------------------------
 
 def test_max_in_progress_holds_across_three_processes(run, store_url):
-    """Three processes of one handler each could run three at once; the limit lets two. Each
-    process claims only what it can start, so two run at once only where two processes share it."""
-    run.start(3, T_MAX="2", T_CONC="1", T_SLEEP="0.05")
+    run.start(3, T_MAX="3", T_CONC="8", T_SLEEP="0.05")
     run.wait_started(3)
     app = conveyor.App(store_url)
     app.submit_many("jobs", [{"n": i} for i in range(60)])
     wait_until(lambda: resolved(store_url) == 60, 120, "60 items resolved")
     events = run.events()
-    assert overlap(events) <= 2, overlap(events)
-    assert overlap(events) == 2  # the limit allowed two, and the work was there to use them
-    assert len({pid for *_, pid in run.events("start")}) >= 2  # shared between processes
+    assert overlap(events) <= 3, overlap(events)
+    assert overlap(events) == 3  # the limit allowed three, and the work was there to use them
     app.close()
 
 
-def test_a_limited_worker_claims_only_what_it_can_start(store_url):
-    """A worker of two threads under max_in_progress=3 holds two items at most: one claimed ahead
-    of a free thread would fill a slot of the limit that another worker could run it in."""
+def test_max_in_progress_slots_go_to_processes_with_hands_free(run, store_url):
+    """Under max_in_progress=2 a worker of one handler takes one slot, not both (an item waiting in
+    it would hold a slot it cannot run): a worker started later gets the other, and two run at once."""
+    app = conveyor.App(store_url)
+    app.submit_many("jobs", [{"n": i} for i in range(1000)])
+    run.start(1, T_MAX="2", T_CONC="1", T_SLEEP="0.05")
+    wait_until(lambda: len(run.events("start")) >= 3, 60, "the first worker's handler to run")
+    assert app.stats(["jobs"])["jobs"]["in_progress"] == 1  # its one handler's item, none waiting
+    run.start(1, T_MAX="2", T_CONC="1", T_SLEEP="0.05")
+    pids = lambda: {pid for *_, pid in run.events("start")}  # noqa: E731
+    wait_until(lambda: len(pids()) == 2, 60, "the second worker's handler to run")
+    wait_until(lambda: overlap(run.events()) >= 2, 60, "two handlers at once")
+    assert overlap(run.events()) == 2
+    app.close()
+
+
+def test_a_limited_worker_claims_ahead_only_half_the_slots_left(store_url):
+    """A worker of two threads under max_in_progress=3 takes the two it can start and half of the
+    one slot left (none): an item waiting in it would hold a slot another worker could run it in."""
     app = conveyor.App(store_url)
     running, most, held = set(), [0], [0]
     lock = threading.Lock()
@@ -176,6 +189,20 @@ def test_a_limited_worker_claims_only_what_it_can_start(store_url):
     assert app.stats(["jobs"])["jobs"]["resolved"] == 30
     assert most[0] == 2
     assert held[0] == 2, held[0]
+    app.close()
+
+
+def test_a_worker_whose_items_fill_the_limit_claims_again_as_it_settles_them(store_url):
+    """max_in_progress=3 under eight threads: each settle frees a slot, and the worker claims again
+    in the same cycle, not at its next idle poll (every 0.5 s: 6 items a second, 50 s for these)."""
+    app = conveyor.App(store_url)
+    app.processor("jobs", batch_size=10, concurrency=8, max_in_progress=3)(lambda item: None)
+    app.submit_many("jobs", [{"n": i} for i in range(300)])
+    started = time.monotonic()
+    app.run_worker(stop_when_empty=True)
+    took = time.monotonic() - started
+    assert app.stats(["jobs"])["jobs"]["resolved"] == 300
+    assert took < 15, f"300 items took {took:.1f} s"
     app.close()
 
 

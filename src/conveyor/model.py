@@ -140,6 +140,9 @@ class Claim:
     ordered: bool = False
     #: flow control; None: none (the plain claim, one statement)
     limits: Limits | None = None
+    #: how many of `limit` the worker can start at once (None: all); the rest would wait in it.
+    #: Under max_in_progress an item waiting in one worker holds a slot another could run it in.
+    start: int | None = None
 
 
 @dataclass(slots=True)

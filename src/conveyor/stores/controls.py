@@ -6,7 +6,8 @@ advisory lock ordered claims take; SQLite: the write lock every claim holds), so
 claims of a queue interleave: each one sees what the previous one took, and never overshoots.
 
 1. a paused or held queue claims nothing;
-2. `max_in_progress` caps the batch at what is left of it (items of the queue in progress now);
+2. `max_in_progress` caps the batch at what is left of it (items of the queue in progress now):
+   what the worker can start now, and half of the rest to wait in it (`share`);
 3. `rate_limit` caps it at what the queue's rate allows now (GCRA: a theoretical arrival time per
    queue or key, kept in conveyor_rates; `Rate.burst` starts at once, then one per interval);
 4. with per-key limits, candidates are the queue's next items in claim order (priority, run_at,
@@ -49,6 +50,14 @@ def advanced(rate: Rate, tat: float | None, now: float, taken: int) -> float:
     return max(tat if tat is not None else now, now) + taken * rate.interval
 
 
+def share(free: int, start: int) -> int:
+    """How many of `free` slots of max_in_progress a claim may take when its worker can start
+    `start` items now: those, and half of the rest to wait in the worker; the other half stays for
+    workers with hands free."""
+    now = min(free, start)
+    return now + max(0, free - now) // 2
+
+
 def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
     """The rows of a claim with limits, taken within the caller's transaction."""
     q = store.queries
@@ -59,7 +68,8 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
         return []
     n = claim.limit
     if limits.max_in_progress is not None:
-        n = min(n, limits.max_in_progress - int(conn.execute(q.RUNNING, (claim.queue,)).fetchone()[0]))
+        free = limits.max_in_progress - int(conn.execute(q.RUNNING, (claim.queue,)).fetchone()[0])
+        n = min(n, share(free, n if claim.start is None else claim.start))
     queue_tat = None
     if limits.rate_limit is not None:
         queue_tat = _tats(store, conn, claim.queue, "queue", [""]).get("")

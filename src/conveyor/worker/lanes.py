@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -38,14 +39,12 @@ class Lane:
             if self.opts.limits else []
         self.poll_max = max(POLL_MIN, min([IDLE_MAX, *rates]))
         b, c = self.opts.batch_size, self.opts.concurrency
+        self.capacity = (c + 1) * b if self.opts.batch else c + b
+        #: a claim that came back short may have been held back by this worker's own items (the
+        #: next of a key behind one it runs, or a limit's slots it fills): settling them frees it
         limits = self.opts.limits
-        #: under a limit on what is in progress, an item claimed ahead of a free hand would hold a
-        #: slot another worker could run it in: claim only what can start now
-        self.ahead = not (limits and (limits.max_in_progress or limits.key_concurrency))
-        if self.opts.batch:
-            self.capacity = (c + 1) * b if self.ahead else c * b
-        else:
-            self.capacity = c + b if self.ahead else c
+        self.slots_freed_by_settling = self.opts.ordered or bool(
+            limits and (limits.max_in_progress or limits.key_concurrency))
         self.inflight: dict[int, Item] = {}
         self.lock = threading.Lock()
         #: (id, token) of claims whose lease the heartbeat found lost: not worth starting
@@ -72,9 +71,17 @@ class Lane:
         b = self.opts.batch_size
         if self.opts.batch:
             return b if free >= b else 0
-        if not self.inflight or not self.ahead:
+        if not self.inflight:
             return min(b, free)
         return min(b, free) if free >= max(1, b // 2) else 0
+
+    def claim_of(self, n: int) -> Claim:
+        """The claim for `n` items; under max_in_progress it says how many of them can start now."""
+        limits = self.opts.limits
+        if limits is None or limits.max_in_progress is None:
+            return self.claim if n == self.claim.limit else dataclasses.replace(self.claim, limit=n)
+        hands = self.opts.concurrency * (self.opts.batch_size if self.opts.batch else 1)
+        return dataclasses.replace(self.claim, limit=n, start=max(0, hands - len(self.inflight)))
 
     def tokens(self) -> list[Token]:
         with self.lock:

@@ -18,7 +18,6 @@ and the log says why once.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import socket
@@ -149,10 +148,10 @@ class Worker:
             dying = self._dying(out)
             stale = self._stale(entries)
             for lane in self.lanes.values():
-                if lane.inflight and lane.settled(entries) and lane.opts.ordered:
-                    lane.dry = False  # settling may unblock the next item of a key: claim again
+                if lane.inflight and lane.settled(entries) and lane.slots_freed_by_settling:
+                    lane.dry = False  # settling frees what held the next items back: claim again
         wants = self._wants()
-        claims = [lane.claim if n == lane.claim.limit else dataclasses.replace(lane.claim, limit=n) for lane, n in wants]
+        claims = [lane.claim_of(n) for lane, n in wants]
         self._unsettled_dying, self._unsettled_stale = dying, stale
         lost, batches = self.store.settle_and_claim(out, claims, self.name)
         self._unsettled_dying, self._unsettled_stale = {}, set()
