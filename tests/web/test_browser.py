@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's chromium, driven by Playwright (never a downloaded
 browser), on a running `conveyor serve` over items in every state. It signs in with a token, checks
 the counts shown against the database, requeues a dead item and sees it pending, sees a submitted
-item appear without a reload, and saves docs/dashboard.png."""
+item appear without a reload, pauses and resumes a queue and a key, and saves docs/dashboard.png."""
 
 from __future__ import annotations
 
@@ -124,6 +124,18 @@ def test_dashboard_shows_the_database_and_acts_on_it(served):
             expect(row).to_be_visible()  # the page was never reloaded
             expect(row.locator("td[data-field=state]")).to_have_text("pending")
             expect(cell("sms", "pending")).to_have_text("4")
+
+            sms = page.locator('#queues tr[data-queue="sms"]')
+            sms.locator("button[data-action=pause]").click()
+            expect(sms.locator("[data-flow=paused]")).to_have_text("paused")
+            assert [(c["queue"], c["key"], c["paused"]) for c in app.controls()] == [("sms", None, True)]
+            app.pause("sms", key="tenant-7")
+            expect(sms.locator("[data-flow=paused_keys]")).to_contain_text("tenant-7")
+            sms.locator("button[data-action=resume-key]").click()
+            expect(sms.locator("[data-flow=paused_keys]")).to_have_count(0)
+            sms.locator("button[data-action=resume]").click()
+            expect(sms.locator("[data-flow=paused]")).to_have_count(0)
+            assert app.controls() == []
 
             store = app.store  # some throughput for the chart, then enough samples to draw it
             batch = store.claim(Claim("emails", 3, 30.0, 5), "test-worker")

@@ -53,8 +53,8 @@ function renderQueues(queues) {
   const names = Object.keys(queues);
   body.replaceChildren(...(names.length ? names.map((name) => {
     const q = queues[name];
-    const row = el("tr", { "data-queue": name },
-      el("td", {}, name, q.rows ? el("span", { class: "muted" }, " (table)") : ""));
+    const row = el("tr", { "data-queue": name }, el("td", {}, name, q.rows ? el("span", { class: "muted" }, " (table)") : "",
+      ...flowNotes(name, q)));
     for (const state of STATES) {
       const n = state === "cancelled" && q.rows ? q.other : q[state];
       row.append(el("td", { class: "n", "data-state": state }, fmt(n)));
@@ -62,6 +62,11 @@ function renderQueues(queues) {
     row.append(el("td", { class: "n", "data-field": "oldest" }, age(q.oldest_pending_seconds)));
     row.append(el("td", { class: "n" }, fmt(q.resolved_last_minute)));
     const actions = el("td");
+    if (canWrite && !q.rows) {
+      const [verb, path] = q.paused ? ["Resume", "resume"] : ["Pause", "pause"];
+      actions.append(el("button", { type: "button", "data-action": path,
+        onclick: () => act(`/v1/queues/${encodeURIComponent(name)}/${path}`, {}, `${path} ${name}`) }, verb), " ");
+    }
     if (canWrite && !q.rows && q.dead + q.cancelled > 0) {
       actions.append(el("button", { type: "button", "data-action": "requeue-queue",
         onclick: () => act(`/v1/queues/${encodeURIComponent(name)}/requeue`, {}, `requeued ${name}`) },
@@ -73,6 +78,38 @@ function renderQueues(queues) {
   const select = $("#filters select[name=queue]");
   const have = new Set([...select.options].map((o) => o.value));
   for (const name of names) if (!have.has(name) && !queues[name].rows) select.append(el("option", {}, name));
+}
+
+// what holds a queue back, under its name: paused, held by a Backoff, paused or held keys, limits
+function flowNotes(name, q) {
+  const notes = [];
+  if (q.paused) notes.push(el("span", { class: "badge paused", "data-flow": "paused" }, "paused"));
+  if (q.held_until) {
+    const until = new Date(q.held_until * 1000).toISOString().slice(11, 19);
+    notes.push(el("span", { class: "badge held", "data-flow": "held" }, `held until ${until} UTC`));
+  }
+  const keys = (field, label) => {
+    const list = q[field] || [];
+    if (!list.length) return;
+    const line = el("div", { class: "muted small", "data-flow": field }, `${label}: `);
+    list.slice(0, 10).forEach((key, i) => {
+      if (i) line.append(", ");
+      line.append(key);
+      if (canWrite && field === "paused_keys") {
+        line.append(" ", el("button", { type: "button", class: "link", "data-action": "resume-key",
+          onclick: () => act(`/v1/queues/${encodeURIComponent(name)}/resume`, { key }, `resume ${name} key ${key}`) }, "resume"));
+      }
+    });
+    if (list.length > 10) line.append(` and ${list.length - 10} more`);
+    notes.push(line);
+  };
+  keys("paused_keys", "paused keys");
+  keys("held_keys", "keys held by a Backoff");
+  if (q.limits && Object.keys(q.limits).length) {
+    const text = Object.entries(q.limits).map(([k, v]) => (v === true ? k : `${k} ${v}`)).join(" · ");
+    notes.push(el("div", { class: "muted small", "data-flow": "limits" }, text));
+  }
+  return notes.length ? [" ", ...notes] : [];
 }
 
 async function act(path, body, done) {
