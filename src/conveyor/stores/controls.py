@@ -63,12 +63,14 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
     q = store.queries
     limits: Limits = claim.limits  # type: ignore[assignment]
     store._claim_lock(claim)
-    now = float(conn.execute(q.CONTROL_NOW).fetchone()[0])
-    if conn.execute(q.QUEUE_STOPPED, (claim.queue, now)).fetchone():
+    counted = limits.max_in_progress is not None
+    now, stopped, running = conn.execute(q.LIMIT_STATE[counted], (claim.queue,) * (1 + counted)).fetchone()
+    now = float(now)
+    if stopped:
         return []
     n = claim.limit
     if limits.max_in_progress is not None:
-        free = limits.max_in_progress - int(conn.execute(q.RUNNING, (claim.queue,)).fetchone()[0])
+        free = limits.max_in_progress - int(running)
         n = min(n, share(free, n if claim.start is None else claim.start))
     queue_tat = None
     if limits.rate_limit is not None:

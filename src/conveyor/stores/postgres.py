@@ -246,9 +246,10 @@ class PostgresStore(PostgresConnections):
         trip instead of four (BEGIN, settle, claim, COMMIT). The claims share the settle's
         snapshot, so an item the settle put back to pending (a retry with no delay, a release)
         is claimable from the next cycle, not this one. An ordered claim needs its advisory lock
-        taken by an earlier statement of its transaction (see q.ORDERED_LOCK), so a cycle with one
-        runs as a transaction of separate statements, like the methods it stands for."""
-        if outcomes.backedoff or any(c.ordered or c.limits for c in claims):
+        taken by an earlier statement of its transaction (see q.ORDERED_LOCK), and so does a claim
+        with limits: a cycle with one runs as a transaction, the settles and plain claims still in
+        one statement, then each locking claim in its own statements."""
+        if outcomes.backedoff:
             with self.transaction():
                 lost = self.resolve(outcomes.resolved) if outcomes.resolved else []
                 lost += self.retry(outcomes.retried) if outcomes.retried else []
@@ -256,6 +257,16 @@ class PostgresStore(PostgresConnections):
                 lost += self.release(outcomes.released) if outcomes.released else []
                 lost += self.backoff(outcomes.backedoff) if outcomes.backedoff else []
                 return lost, [self.claim(c, owner) for c in claims]
+        locking = [c.ordered or c.limits is not None for c in claims]
+        if any(locking):
+            with self.transaction():
+                lost, plain = self._cycle(outcomes, [c for c, lock in zip(claims, locking, strict=True) if not lock], owner)
+                taken = iter(plain)
+                return lost, [self.claim(c, owner) if lock else next(taken) for c, lock in zip(claims, locking, strict=True)]
+        return self._cycle(outcomes, claims, owner)
+
+    def _cycle(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
+        """Settle `outcomes` (but backoffs) and make plain `claims`, in one statement."""
         parts: list[tuple[str, Sequence[Any]]] = [(k, e) for k, e in (("resolve", outcomes.resolved), ("retry", outcomes.retried),
                                      ("fail", outcomes.failed), ("release", outcomes.released)) if e]
         if not parts and not claims:

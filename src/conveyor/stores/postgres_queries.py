@@ -524,10 +524,14 @@ LISTEN = f"LISTEN {CHANNEL}"
 # -- flow control: limited claims (stores.controls), backoffs, pauses ------------------------------
 # Positional parameters, in the same order as SQLite's statements of the same names.
 CONTROL_NOW = f"SELECT {EPOCH}::float8"
-QUEUE_STOPPED = ("SELECT paused, held_until, reason FROM conveyor_controls WHERE queue = %s AND scope = 'queue' "
-                 "AND key = '' AND (paused OR held_until > %s)")
+# [queue (, queue)]: what a limited claim reads first under its lock, in one round trip: the
+# database's clock, whether the queue is paused or held, and (True: with max_in_progress) its items
+# in progress
+LIMIT_STATE = {counted: f"SELECT {EPOCH}::float8, EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = %s AND "
+                        f"scope = 'queue' AND key = '' AND (paused OR held_until > {EPOCH})), "
+                        + ("(SELECT count(*) FROM conveyor_items WHERE queue = %s AND state = 'in_progress')" if counted else "0")
+               for counted in (False, True)}
 STOPPED_KEYS = "SELECT key FROM conveyor_controls WHERE queue = %s AND scope = 'key' AND (paused OR held_until > %s)"
-RUNNING = "SELECT count(*) FROM conveyor_items WHERE queue = %s AND state = 'in_progress'"
 RUNNING_KEYS = ("SELECT key, count(*) FROM conveyor_items WHERE queue = %s AND state = 'in_progress' AND key IS NOT NULL "
                 "GROUP BY key")
 # [queue, most]: the keys with pending or running items, by a skip-scan of the keyed index

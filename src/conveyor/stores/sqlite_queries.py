@@ -383,13 +383,16 @@ ANALYZE_AFTER_MIGRATION = "ANALYZE"
 
 # -- flow control: limited claims (stores.controls), backoffs, pauses ------------------------------
 CONTROL_NOW = CLOCK
-# [queue, now]
-QUEUE_STOPPED = ("SELECT paused, held_until, reason FROM conveyor_controls WHERE queue = ? AND scope = 'queue' AND key = '' "
-                 "AND (paused = 1 OR held_until > ?)")
+# [queue (, queue)]: what a limited claim reads first under its lock: the database's clock, whether
+# the queue is paused or held, and (True: with max_in_progress) its items in progress
+LIMIT_STATE = {counted: f"SELECT {NOW}, EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = ? AND scope = 'queue' "
+                        f"AND key = '' AND (paused = 1 OR held_until > {NOW})), "
+                        + ("(SELECT count(*) FROM conveyor_items INDEXED BY conveyor_items_running WHERE queue = ? "
+                           "AND state = 'in_progress')" if counted else "0")
+               for counted in (False, True)}
 # [queue, now]
 STOPPED_KEYS = "SELECT key FROM conveyor_controls WHERE queue = ? AND scope = 'key' AND (paused = 1 OR held_until > ?)"
 # [queue]
-RUNNING = "SELECT count(*) FROM conveyor_items INDEXED BY conveyor_items_running WHERE queue = ? AND state = 'in_progress'"
 RUNNING_KEYS = ("SELECT key, count(*) FROM conveyor_items INDEXED BY conveyor_items_running "
                 "WHERE queue = ? AND state = 'in_progress' AND key IS NOT NULL GROUP BY key")
 # [queue, most]: the keys with pending or running items, by a skip-scan of the keyed index
