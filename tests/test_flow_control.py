@@ -399,3 +399,13 @@ def test_why_an_item_is_not_running(store_url):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "waiting:" in out.stdout and "scheduled" in out.stdout, out.stdout + out.stderr
     app.close()
+
+
+def test_an_item_submitted_this_millisecond_is_due_not_scheduled(store_url):
+    """run_at comes back through a datetime (microseconds) from a clock of milliseconds (SQLite):
+    an item asked about right after its submit is waiting for a worker, never 'scheduled'."""
+    app = conveyor.App(store_url)
+    app.processor("jobs")(lambda item: None)
+    answers = {app.why(app.submit("jobs", {"n": n})).split(":")[0] for n in range(200)}
+    assert answers == {"waiting for a worker"}, answers
+    app.close()

@@ -677,7 +677,9 @@ class App:
         now = store.clock()
         run_at = item.run_at.timestamp() if item.run_at is not None else now
         reasons = []
-        if run_at > now:
+        # due within the clock's resolution (SQLite's is a millisecond; a datetime rounds to a
+        # microsecond): an item submitted in this millisecond is due, not scheduled
+        if run_at > now + 0.001:
             reasons.append(f"scheduled: its run_at comes in {_age(run_at - now)}")
         for c in store.controls():
             if c["queue"] != queue or c["key"] not in (None, item.key):

@@ -24,6 +24,7 @@ QUEUE_GOES in the dialects' queries).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -91,11 +92,15 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
             if row[3] is not None:  # ITEM_COLUMNS: id, queue, payload, key, ...
                 key_counts[row[3]] = key_counts.get(row[3], 0) + 1
     if rows and limits.rate_limit is not None:
-        conn.execute(q.SET_RATE, (claim.queue, "queue", "", advanced(limits.rate_limit, queue_tat, now, len(rows))))
-    if limits.key_rate_limit is not None:
-        for key, taken in key_counts.items():
-            conn.execute(q.SET_RATE, (claim.queue, "key", key, advanced(limits.key_rate_limit, key_tats.get(key), now, taken)))
+        _set_rates(conn, q, claim.queue, "queue", {"": advanced(limits.rate_limit, queue_tat, now, len(rows))})
+    if limits.key_rate_limit is not None and key_counts:
+        _set_rates(conn, q, claim.queue, "key", {key: advanced(limits.key_rate_limit, key_tats.get(key), now, taken)
+                                                 for key, taken in key_counts.items()})
     return list(rows)
+
+
+def _set_rates(conn: Any, q: Any, queue: str, scope: str, tats: dict[str, float]) -> None:
+    conn.execute(q.SET_RATES, (queue, scope, json.dumps(sorted(tats.items()))))
 
 
 def _tats(store: Any, conn: Any, queue: str, scope: str, keys: Sequence[str]) -> dict[str, float]:

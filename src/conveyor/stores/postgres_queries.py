@@ -553,8 +553,9 @@ SELECT h.id, h.key, h.priority, h.run_at FROM unnest(%(keys)s::text[]) AS k(key)
 UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items WHERE queue = %s AND state = 'pending' "
                  "AND run_at <= to_timestamp(%s) AND key IS NULL ORDER BY priority DESC, run_at, id LIMIT %s")
 RATES = "SELECT key, tat FROM conveyor_rates WHERE queue = %s AND scope = %s AND key = ANY(%s::text[])"
-SET_RATE = ("INSERT INTO conveyor_rates (queue, scope, key, tat) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (queue, scope, key) DO UPDATE SET tat = EXCLUDED.tat")
+# [queue, scope, JSON [[key, tat], ...]]: the limiters a claim advanced, in one statement
+SET_RATES = ("INSERT INTO conveyor_rates (queue, scope, key, tat) SELECT %s, %s, e->>0, (e->>1)::float8 "
+             "FROM jsonb_array_elements(%s::jsonb) AS e ON CONFLICT (queue, scope, key) DO UPDATE SET tat = EXCLUDED.tat")
 # [ids]: the items a limited claim picked, locked as they are taken
 CLAIM_IDS = _CLAIM_UPDATE.format(p="") + """ WHERE id = ANY(ARRAY(
        SELECT id FROM conveyor_items WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending' FOR UPDATE SKIP LOCKED))

@@ -412,9 +412,10 @@ UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items INDEXED B
                  "ORDER BY priority DESC, run_at, id LIMIT ?")
 # [queue, scope, keys as a JSON array]
 RATES = "SELECT key, tat FROM conveyor_rates WHERE queue = ? AND scope = ? AND key IN (SELECT value FROM json_each(?))"
-# [queue, scope, key, tat]
-SET_RATE = ("INSERT INTO conveyor_rates (queue, scope, key, tat) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (queue, scope, key) DO UPDATE SET tat = excluded.tat")
+# [queue, scope, JSON [[key, tat], ...]]: the limiters a claim advanced, in one statement
+SET_RATES = ("INSERT INTO conveyor_rates (queue, scope, key, tat) SELECT ?, ?, json_extract(value, '$[0]'), "
+             "json_extract(value, '$[1]') FROM json_each(?) WHERE true "
+             "ON CONFLICT (queue, scope, key) DO UPDATE SET tat = excluded.tat")
 # a Backoff: back to pending after b2 seconds, the attempt given back
 BACKOFF = (f"{_SETTLE} state = 'pending', attempts = max(attempts - 1, 0), run_at = ?2 + b.b2, updated_at = ?2, "
            f"{_SETTLE_CLEAR} {_BATCH} {_FENCE}")
