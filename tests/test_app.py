@@ -15,6 +15,7 @@ def test_public_api_is_pinned():
     assert conveyor.__all__ == [
         "App",
         "Backoff",
+        "BatchErrors",
         "ConveyorError",
         "Fail",
         "Item",

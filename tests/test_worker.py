@@ -371,6 +371,72 @@ def test_batch_handler_fail_dead_letters_the_batch(app):
     assert all(app.get(i).state == State.DEAD for i in ids)
 
 
+def test_batch_errors_settle_each_named_item_and_resolve_the_rest(app):
+    """One batch of 6: item 1 raises (retried), item 2 is failed (dead), items 3 and 4 share a
+    Retry(delay=0) (retried); the other two resolve at their first attempt."""
+    seen: dict[int, int] = collections.Counter()
+
+    @app.processor("q", batch=True, batch_size=6, concurrency=1, **FAST)
+    def handle(items):
+        for it in items:
+            seen[it.payload] += 1
+        if items[0].attempts > 1:
+            return
+        by = {it.payload: it for it in items}
+        again = Retry(delay=0)
+        raise conveyor.BatchErrors({by[1]: ValueError("no driver near"), by[2].id: Fail("bad address"),
+                                    by[3]: again, by[4]: again})
+
+    ids = [app.submit("q", i) for i in range(6)]
+    drain(app)
+    items = {app.get(i).payload: app.get(i) for i in ids}
+    assert {p: (it.state, it.attempts) for p, it in items.items()} == {
+        0: (State.RESOLVED, 1), 1: (State.RESOLVED, 2), 2: (State.DEAD, 1),
+        3: (State.RESOLVED, 2), 4: (State.RESOLVED, 2), 5: (State.RESOLVED, 1)}
+    assert "Fail: bad address" in items[2].last_error
+    assert seen == {0: 1, 1: 2, 2: 1, 3: 2, 4: 2, 5: 1}
+
+
+def test_batch_errors_naming_an_item_outside_the_batch_fail_the_whole_batch(app):
+    @app.processor("q", batch=True, batch_size=3, max_attempts=1)
+    def handle(items):
+        raise conveyor.BatchErrors({10**9: ValueError("not mine")})
+
+    ids = [app.submit("q", i) for i in range(3)]
+    drain(app)
+    for i in ids:
+        item = app.get(i)
+        assert item.state == State.DEAD
+        assert f"BatchErrors names item(s) {10**9} that are not in this batch" in item.last_error
+
+
+@pytest.mark.parametrize("errors, message", [
+    ({}, "non-empty mapping"), ([1], "non-empty mapping"), ({"7": ValueError()}, "is not an item or an item id"),
+    ({True: ValueError()}, "is not an item or an item id"), ({7: "boom"}, "not an exception")])
+def test_batch_errors_refuse_what_is_not_items_and_exceptions(errors, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        conveyor.BatchErrors(errors)
+
+
+def test_transactional_batch_errors_commit_the_others_with_their_writes(app, effects):
+    """The handler writes for the items that worked and names the one that did not: the writes
+    commit with the others' resolution; the named item is retried alone and then written."""
+    @app.processor("q", transactional=True, batch=True, batch_size=4, **FAST)
+    def handle(items, conn):
+        bad = [it for it in items if it.payload == 2 and it.attempts == 1]
+        for it in items:
+            if it not in bad:
+                conn.execute(effects.insert, (it.id, it.attempts))
+        if bad:
+            raise conveyor.BatchErrors({bad[0]: RuntimeError("card declined")})
+
+    ids = [app.submit("q", i) for i in range(4)]
+    drain(app)
+    assert effects.rows() == sorted([(ids[0], 1), (ids[1], 1), (ids[2], 2), (ids[3], 1)])
+    assert [app.get(i).state for i in ids] == [State.RESOLVED] * 4
+    assert "card declined" in app.get(ids[2]).last_error
+
+
 # -- ordered queues ---------------------------------------------------------------------------
 
 def test_ordered_keeps_per_key_order_and_never_overlaps_a_key(app):
@@ -525,6 +591,21 @@ async def _execute(conn, sql, args):
     result = conn.execute(sql, args)
     if asyncio.iscoroutine(result):
         await result
+
+
+def test_async_transactional_batch_errors_commit_the_others_with_their_writes(app, effects):
+    @app.processor("q", transactional=True, batch=True, batch_size=3, **FAST)
+    async def handle(items, conn):
+        for it in items:
+            if it.payload != 1:
+                await _execute(conn, effects.insert, (it.id, it.attempts))
+        if any(it.payload == 1 for it in items):
+            raise conveyor.BatchErrors({it: Fail("refused by the bank") for it in items if it.payload == 1})
+
+    ids = [app.submit("q", i) for i in range(3)]
+    drain(app)
+    assert effects.rows() == [(ids[0], 1), (ids[2], 1)]
+    assert [app.get(i).state for i in ids] == [State.RESOLVED, State.DEAD, State.RESOLVED]
 
 
 def test_async_transactional_writes_commit_with_the_resolution(app, effects):

@@ -5,7 +5,7 @@ your handler and mark them resolved, on one SQLite file or on PostgreSQL.
 """
 
 from .app import App
-from .errors import Backoff, ConveyorError, Fail, ItemNotFound, LeaseLost, Retry, StoreError, UsageError
+from .errors import Backoff, BatchErrors, ConveyorError, Fail, ItemNotFound, LeaseLost, Retry, StoreError, UsageError
 from .model import Item, QueueOptions, State
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Backoff",
+    "BatchErrors",
     "ConveyorError",
     "Fail",
     "Item",

@@ -6,7 +6,8 @@
     ├── StoreError          the database failed in a way conveyor could not absorb
     └── LeaseLost           the item's lease was lost: the result of this run is refused
 
-Retry, Fail and Backoff are not errors but signals a handler raises to steer its item.
+Retry, Fail and Backoff are not errors but signals a handler raises to steer its item; BatchErrors
+steers some items of a batch and resolves the rest.
 """
 
 from __future__ import annotations
@@ -87,3 +88,27 @@ class Backoff(Exception):
         self.scope = scope
         self.reason = reason
         super().__init__(f"{reason} ({scope}, {seconds:g}s)")
+
+
+class BatchErrors(Exception):
+    """Raise from a batch handler (``batch=True``) when some of its items failed: those named go
+    their own way, each as if its handler had raised its exception alone (``Fail`` → dead,
+    ``Retry`` / any other exception → retried, ``Backoff`` → held back), and every other item of the
+    batch is resolved. Keys are items or item ids, values exceptions. In a transactional batch the
+    handler's writes commit with the others' resolution, so write nothing for the items named."""
+
+    def __init__(self, errors: Any):
+        if not hasattr(errors, "items") or not errors:
+            raise ValueError(f"BatchErrors takes a non-empty mapping of item (or item id) to exception, not {shown(errors)}")
+        checked: dict[int, BaseException] = {}
+        for key, exc in errors.items():
+            item_id = key if isinstance(key, int) else getattr(key, "id", key)
+            if isinstance(item_id, bool) or not isinstance(item_id, int):
+                raise TypeError(f"BatchErrors: {shown(key)} is not an item or an item id")
+            if not isinstance(exc, BaseException):
+                raise TypeError(f"BatchErrors: the error of item {item_id} is {shown(exc)}, not an exception")
+            checked[item_id] = exc
+        self.errors = checked
+        ids = list(checked)
+        head = ", ".join(map(str, ids[:20])) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+        super().__init__(f"{len(ids)} item(s) of the batch failed: {head}")

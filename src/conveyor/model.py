@@ -67,6 +67,10 @@ class Item:
     #: the database): a worker runs such an item alone, so a poison item takes nothing with it
     rescued: bool = False
 
+    def __hash__(self) -> int:
+        """By id and claim, so items can key a dict (a BatchErrors) or fill a set."""
+        return hash((self.id, self.claim_token))
+
 
 class NewItem(NamedTuple):
     """A validated submission, ready for a store (payload already JSON text). A tuple: cheap to

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Backoff, Fail, Retry
+from ..errors import Backoff, BatchErrors, Fail, Retry, UsageError
 from ..model import Item, Outcomes, QueueOptions
 from .backoff import backoff_delay
 from .figures import figures
@@ -46,6 +46,22 @@ def some(ids: Sequence[int], most: int = 20) -> str:
     """Ids for a log line: all of up to `most`, else the first ones and how many more."""
     shown = ", ".join(map(str, list(ids)[:most]))
     return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
+
+
+def split_batch(items: list[Item], exc: BatchErrors) -> tuple[list[Item], list[tuple[BaseException, list[Item]]]]:
+    """The items a BatchErrors leaves resolved, and the others grouped by their exception. A
+    BatchErrors naming an item not in the batch is a UsageError (the whole batch fails with it)."""
+    by_id = {it.id: it for it in items}
+    strangers = [i for i in exc.errors if i not in by_id]
+    if strangers:
+        wrong = UsageError(f"BatchErrors names item(s) {some(strangers)} that are not in this batch "
+                           f"(its items: {some(list(by_id))}): the whole batch fails with it")
+        wrong.__cause__ = exc
+        raise wrong
+    groups: dict[int, tuple[BaseException, list[Item]]] = {}
+    for item_id, error in exc.errors.items():
+        groups.setdefault(id(error), (error, []))[1].append(by_id[item_id])
+    return [it for it in items if it.id not in exc.errors], list(groups.values())
 
 
 class OutcomeBuffer:
@@ -89,7 +105,19 @@ class OutcomeBuffer:
 
     def failed(self, opts: QueueOptions, items: list[Item], exc: BaseException) -> None:
         """A handler raised (or was given up on): Fail → dead, anything else → retry with backoff,
-        or dead once the attempts are spent (the store decides, by the item's attempts)."""
+        or dead once the attempts are spent (the store decides, by the item's attempts). A
+        BatchErrors: each item it names as if it had raised its exception alone, the rest resolved."""
+        if isinstance(exc, BatchErrors):
+            try:
+                rest, groups = split_batch(items, exc)
+            except UsageError as wrong:
+                exc = wrong
+            else:
+                if rest:
+                    self.resolved(rest)
+                for error, group in groups:
+                    self.failed(opts, group, error)
+                return
         toks = [(it.id, it.claim_token) for it in items]
         log, fields = self.log, {"queue": opts.queue, "items": [it.id for it in items]}
         if isinstance(exc, Fail):

@@ -10,12 +10,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..errors import LeaseLost
+from ..errors import BatchErrors, LeaseLost
 from ..model import Item, Processor, QueueOptions, State
 from ..stores.base import WorkerStore
 from .figures import figures
 from .logs import WorkerLog
-from .outcomes import OutcomeBuffer, RunState, some
+from .outcomes import OutcomeBuffer, RunState, some, split_batch
 
 #: returned by Runner.run_sync when a transactional run settled its items itself
 SETTLED = object()
@@ -106,26 +106,40 @@ class Runner:
     def _run_transactional(self, lane: Lane, items: list[Item], arg: Any) -> BaseException | None | object:
         """The handler's writes and the items' resolution commit together, or not at all."""
         store = self.store
+        done: list[Item] = items
+        failures: list[tuple[BaseException, list[Item]]] = []
         try:
             with store.transaction() as conn:
-                lane.processor.handler(arg, conn)
+                try:
+                    lane.processor.handler(arg, conn)
+                except BatchErrors as exc:  # the others resolve with the handler's writes
+                    done, failures = split_batch(items, exc)
                 if lane.given_up():
                     raise LeaseLost([it.id for it in items], "handler ran past timeout_seconds: its writes are rolled back")
-                lost = store.resolve([(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                lost = store.resolve([(it.id, it.claim_token) for it in done]) if done else []  # type: ignore[misc]
                 if lost:
                     raise _Refused(lost)
         except _Refused as exc:
             report_refused(store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
             self._release_the_rest(lane, items, exc.item_ids)
+            done = items
         except LeaseLost as exc:
             self.state.log.warning("%s", exc, queue=lane.opts.queue, items=exc.item_ids)
             self.outcomes.count("lost", len(items))
+            done = items
         except BaseException as exc:  # noqa: BLE001 (the handler's: recorded for a retry)
             return exc
         else:
-            self.outcomes.count("resolved", len(items))
-        self._settled_itself(lane, items)
+            self.outcomes.count("resolved", len(done))
+            self._failures(lane, failures)
+        self._settled_itself(lane, done)
         return SETTLED
+
+    def _failures(self, lane: Lane, failures: list[tuple[BaseException, list[Item]]]) -> None:
+        """The items a transactional batch's BatchErrors named: settled by the cycle, as if each
+        had raised its exception alone."""
+        for error, group in failures:
+            self.outcomes.failed(lane.opts, group, error)
 
     def _release_the_rest(self, lane: Lane, items: list[Item], refused: Sequence[int]) -> None:
         """A transactional batch whose resolution was refused for some items rolled back for all:
@@ -174,16 +188,23 @@ class Runner:
     async def _run_async_transactional(self, lane: Lane, items: list[Item], arg: Any) -> None:
         """As _run_transactional, on a connection of the handler's own (async where the driver is)."""
         store = self.store
+        done: list[Item] = items
+        failures: list[tuple[BaseException, list[Item]]] = []
         try:
             async with store.async_transaction() as conn:
-                await self._bounded(lane, lane.processor.handler(arg, conn))
-                lost = await store.resolve_in(conn, [(it.id, it.claim_token) for it in items])  # type: ignore[misc]
+                try:
+                    await self._bounded(lane, lane.processor.handler(arg, conn))
+                except BatchErrors as exc:  # the others resolve with the handler's writes
+                    done, failures = split_batch(items, exc)
+                lost = await store.resolve_in(conn, [(it.id, it.claim_token) for it in done]) if done else []  # type: ignore[misc]
                 if lost:
                     raise _Refused(lost)
         except _Refused as exc:
             await asyncio.to_thread(report_refused, store, exc.item_ids, ROLLED_BACK, self.state.log, lane.opts.queue)
             self._release_the_rest(lane, items, exc.item_ids)
+            done = items
         else:
-            self.outcomes.count("resolved", len(items))
+            self.outcomes.count("resolved", len(done))
+            self._failures(lane, failures)
         # any other exception propagates to run_async, which records it for a retry
-        self._settled_itself(lane, items)
+        self._settled_itself(lane, done)
