@@ -412,6 +412,27 @@ def test_ordered_claim_with_a_deep_backlog_takes_the_key_heads_by_skip_scan(stor
 
 
 
+def test_fair_claim_reads_a_quiet_key_behind_a_burst_from_its_own_index(store, pg_url):
+    """20,000 pending items of key A, then 5 of B (and 40 more keys): a fair claim takes B's first item, and its
+    per-key read walks conveyor_items_key_heads (a few pages a key) instead of the claim index
+    through A's burst to reach B (which read every page of it: 400 ms a claim at 100,000 items)."""
+    from conveyor.model import Limits
+    from conveyor.stores.postgres_queries import KEY_HEADS_ALL
+
+    store.submit_many([new(payload={"n": i}, key="A") for i in range(20_000)])
+    quiet = store.submit_many([new(payload={"n": i}, key="B") for i in range(5)])
+    store.submit_many([new(payload={"n": i}, key=f"k{i % 40}") for i in range(800)])
+    keys = ["A", "B", *(f"k{i}" for i in range(40))]
+    with admin(pg_url) as conn:  # the statistics a submit leaves (it analyzes after a large one)
+        plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + KEY_HEADS_ALL,
+                            {"queue": "q", "keys": keys, "most": 3}).fetchone()[0][0]
+    text = json.dumps(plan)
+    assert "conveyor_items_key_heads" in text and "conveyor_items_pending" not in text, text
+    assert plan["Plan"]["Shared Hit Blocks"] + plan["Plan"].get("Shared Read Blocks", 0) < 1000, plan["Plan"]
+    taken = store.claim(Claim("q", 50, 30.0, 5, limits=Limits(fair=True)), "w")  # a round of the 42 keys, and more
+    assert quiet[0] in {it.id for it in taken}
+
+
 def test_ordered_claim_waits_for_the_open_claim_and_then_sees_it(pg_url):
     """Deterministic version of the race: ids commit out of order, and a second ordered claim
     starts while the first is still uncommitted. It must wait, then see the first's item running."""

@@ -151,6 +151,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        8,
+        "fair claims: each key's pending items in claim order",
+        # As SQLite's migration 7: a fair claim's per-key reads (KEY_HEADS_ALL) walk this instead
+        # of reading and sorting each key's whole backlog.
+        """
+        CREATE INDEX IF NOT EXISTS conveyor_items_key_heads
+            ON conveyor_items (queue, key, priority DESC, run_at, id)
+            WHERE state = 'pending' AND key IS NOT NULL;
+        """,
+    ),
 ]
 
 # -- flow control -------------------------------------------------------------------------------
@@ -544,12 +555,17 @@ WITH RECURSIVE keys(key) AS (
             SELECT key FROM conveyor_items WHERE queue = %(queue)s AND key IS NOT NULL
                AND state IN ('pending', 'in_progress') AND key > keys.key ORDER BY queue, key LIMIT 1) AS n)
 SELECT key FROM keys LIMIT %(most)s"""
-# [queue, keys, now (unused: the database's), most]: each key's first pending items in claim order
+# [queue, keys, most]: each key's first pending items in claim order, from conveyor_items_key_heads.
+# The key is bounded by a range, not an equality, so the order asked for still begins with it and
+# only that index serves it without a sort: given `key = k.key`, the planner may walk the claim index
+# instead, filtering on the key, through a busy key's whole backlog to reach a quiet key's items
+# (100,000 of one key: 400 ms a claim).
 KEY_HEADS_ALL = """
 SELECT h.id, h.key, h.priority, h.run_at FROM unnest(%(keys)s::text[]) AS k(key) CROSS JOIN LATERAL (
        SELECT id, key, priority, run_at FROM conveyor_items
-        WHERE queue = %(queue)s AND key = k.key AND state = 'pending' AND run_at <= statement_timestamp()
-        ORDER BY priority DESC, run_at, id LIMIT %(most)s) AS h"""
+        WHERE queue = %(queue)s AND key >= k.key AND key <= k.key AND state = 'pending' AND key IS NOT NULL
+          AND run_at <= statement_timestamp()
+        ORDER BY key, priority DESC, run_at, id LIMIT %(most)s) AS h"""
 UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items WHERE queue = %s AND state = 'pending' "
                  "AND run_at <= to_timestamp(%s) AND key IS NULL ORDER BY priority DESC, run_at, id LIMIT %s")
 RATES = "SELECT key, tat FROM conveyor_rates WHERE queue = %s AND scope = %s AND key = ANY(%s::text[])"
