@@ -603,3 +603,62 @@ def test_a_backoff_sends_the_row_back_to_pending_without_spending_an_attempt(sid
     assert runs == [1, 1] and counts["backedoff"] == 1
     assert side.statuses() == {1: "assigned"}
     app.close()
+
+
+# -- flow control on rows -----------------------------------------------------------------------
+
+def rows_store(app: conveyor.App, table: str = "orders") -> Any:
+    from conveyor.stores.rows import RowsStore
+
+    p = app.processors[table]
+    return RowsStore(app.store, p.rows, p.options)
+
+
+def test_a_paused_table_or_key_claims_no_rows_until_resumed(side, store_url):
+    from conveyor.model import Claim
+
+    create_orders(side, [(1, "new"), (1, "new"), (2, "new"), (2, "new")])
+    app = conveyor.App(store_url)
+    app.rows("orders", **STATUS, key="restaurant_id", ordered=False)(lambda item: None)
+    app.adopt(apply=True)
+    store = rows_store(app)
+    claim = Claim("orders", 10, 30.0, 5)
+    app.pause("orders")
+    assert store.claim(claim, "w") == [] and app.stats()["orders"]["paused"] is True
+    app.resume("orders")
+    app.pause("orders", key="1")
+    assert app.stats()["orders"]["paused_keys"] == ["1"]
+    assert sorted(it.id for it in store.claim(claim, "w")) == [3, 4]  # restaurant 2's rows only
+    app.resume("orders", key="1")
+    assert sorted(it.id for it in store.claim(claim, "w")) == [1, 2]
+    app.close()
+
+
+def test_a_rows_backoff_holds_its_key_on_every_worker(side, store_url):
+    """Restaurant 1's row backs off for a minute with scope="key": the key's hold is in
+    app.controls(), and a row of restaurant 1 inserted after it never starts, while one of
+    restaurant 2 inserted behind it (claims go in primary key order) is assigned."""
+    create_orders(side, [(1, "new")])
+    app = conveyor.App(store_url)
+    started: list[int] = []
+
+    @app.rows("orders", **STATUS, key="restaurant_id", ordered=False)
+    def assign(item):
+        started.append(item.id)
+        if item.payload["restaurant_id"] == 1:
+            raise conveyor.Backoff(60, scope="key")
+
+    app.adopt(apply=True)
+    worker, thread, out = run_in_thread(app)
+    try:
+        wait_until(lambda: [(c["queue"], c["key"]) for c in app.controls() if c["held_until"]] == [("orders", "1")],
+                   60, "restaurant 1 held")
+        insert_orders(side, [(1, "new"), (2, "new")])  # rows 2 and 3
+        wait_until(lambda: side.statuses()[3] == "assigned", 60, "restaurant 2's row assigned")
+        assert side.statuses() == {1: "new", 2: "new", 3: "assigned"}
+        assert started == [1, 3]
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert "error" not in out, out
+    app.close()

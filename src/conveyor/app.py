@@ -605,6 +605,14 @@ class App:
         is there too, its rows counted by what their status value stands for, with `rows: True`
         and `other`: rows whose status is the application's own (a cancelled order, say)."""
         stats = self.store.stats(queues)
+        declared = {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
+        # a table adopted by another app whose name is also a queue of items here: the queue's
+        # figures stay (this App does not process that table)
+        adopted = {name: rows for name, rows in adopted_tables(self.store).items()
+                   if name not in stats or not stats[name]["total"]}
+        for name, rows in (adopted | declared).items():
+            if queues is None or name in queues:
+                stats[name] = row_counts(self.store, rows)
         for control in self.store.controls() if stats else []:
             entry = stats.get(control["queue"])
             if entry is None:
@@ -619,14 +627,6 @@ class App:
         for p in self.processors.values():
             if p.options.limits is not None and p.queue in stats:
                 stats[p.queue]["limits"] = p.options.limits.describe()
-        declared = {p.queue: p.rows for p in self.processors.values() if p.rows is not None}
-        # a table adopted by another app whose name is also a queue of items here: the queue's
-        # figures stay (this App does not process that table)
-        adopted = {name: rows for name, rows in adopted_tables(self.store).items()
-                   if name not in stats or not stats[name]["total"]}
-        for name, rows in (adopted | declared).items():
-            if queues is None or name in queues:
-                stats[name] = row_counts(self.store, rows)
         return stats
 
     def adopt(self, table: str | None = None, *, apply: bool = False, undo: bool = False) -> dict[str, list[str]]:

@@ -9,8 +9,18 @@ from typing import Any
 
 from ..errors import UsageError, shown
 from ..model import RowsTable
-from .postgres_queries import CHANNEL
-from .rows_sql import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
+from .postgres_queries import CHANNEL, EPOCH
+from .rows_sql import (
+    CONVEYOR_COLUMNS,
+    Spelling,
+    TableInfo,
+    controls_filter,
+    index_name,
+    literal,
+    quote,
+    settle_statements,
+    status_literals,
+)
 
 COLUMN_TYPES = {
     "conveyor_token": "bigint",
@@ -169,7 +179,8 @@ class Statements:
                  f"conveyor_lease_until = {NOW} + %(lease)s * interval '1 second', "
                  "conveyor_attempts = r.conveyor_attempts + 1 "
                  f"FROM (SELECT c.{p} FROM {t} AS c WHERE c.{s} = {pend} "
-                 f"AND (c.conveyor_run_at IS NULL OR c.conveyor_run_at <= {NOW}){{blocked}} "
+                 f"AND (c.conveyor_run_at IS NULL OR c.conveyor_run_at <= {NOW})"
+                 f"{controls_filter(rows, 'c', EPOCH, 'true', lambda col: f'{col}::text')}{{blocked}} "
                  f"ORDER BY coalesce(c.{p}, c.{p}) LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) AS pick "
                  f"WHERE r.{p} = pick.{p} RETURNING r.{p} AS conveyor_pk, r.*")
         self.claim = claim.format(blocked="")
@@ -180,3 +191,5 @@ class Statements:
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} WHERE {s} = {work})")
         self.counts = f"SELECT {s}::text, count(*) FROM {t} GROUP BY 1"
+        k = f"{quote(rows.key)}::text" if rows.key else "NULL"
+        self.keys_of = f"SELECT {p}, {k} FROM {t} WHERE {p} = ANY({ids})"

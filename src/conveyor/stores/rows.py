@@ -260,9 +260,13 @@ class RowsStore:
         lost += self._each(conn, s.retry, outcomes.retried, _RETRY, max_attempts=self.max_attempts)
         lost += self._each(conn, s.fail, outcomes.failed, _FAIL)
         lost += self._by_token(conn, s.release, outcomes.released)
-        # a Backoff holds only the row itself here (its run_at): holds of keys and queues are the
-        # queues' flow control
-        lost += self._each(conn, s.backoff, outcomes.backedoff, _BACKOFF)
+        backoffs = outcomes.backedoff
+        gone = self._each(conn, s.backoff, backoffs, _BACKOFF)
+        lost += gone
+        taken = [e for e in backoffs if e[0] not in set(gone)]
+        if taken:  # and the table (scope "queue") or the row's key is held as long, as for items
+            keys = dict(conn.execute(s.keys_of, {"ids": self.dialect.ids_param([e[0] for e in taken])}).fetchall())
+            self.base._hold_on(conn, [(self.rows.table, keys.get(i), float(sec), scope) for i, _, sec, scope in taken])
         return lost
 
     @_translating

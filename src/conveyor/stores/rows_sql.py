@@ -90,3 +90,20 @@ def settle_statements(st: Any, rows: RowsTable, pk: str, fence: str, expired: st
         "' (it crashed, was killed, or lost the database)', "
         f"conveyor_rescued = {sp.true}, conveyor_run_at = {sp.now}, conveyor_token = NULL, {clear} "
         f"WHERE {p} IN ({expired}) RETURNING {p}, {s} = {dead}")
+
+
+def controls_filter(rows: RowsTable, alias: str, now_epoch: str, true: str, as_text: Callable[[str], str]) -> str:
+    """A rows claim's filter: the table (its queue) neither paused nor held, nor (with a key column)
+    the row's key, as conveyor_controls says (what app.pause and a handler's Backoff write there).
+    The probes are uncorrelated but for the last, which runs only while some key is paused or held,
+    as for items. `as_text` spells a column as text (a key is named by its text)."""
+    q = literal(rows.table)
+    stopped = f"(paused = {true} OR held_until > {now_epoch})"
+    out = (f" AND NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {q} AND scope = 'queue' AND key = '' "
+           f"AND {stopped})")
+    if rows.key:
+        k = f"{alias}.{quote(rows.key)}"
+        out += (f" AND ({k} IS NULL OR NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {q} AND scope = 'key' "
+                f"AND {stopped}) OR NOT EXISTS (SELECT 1 FROM conveyor_controls AS ck WHERE ck.queue = {q} "
+                f"AND ck.scope = 'key' AND ck.key = {as_text(k)} AND (ck.paused = {true} OR ck.held_until > {now_epoch})))")
+    return out

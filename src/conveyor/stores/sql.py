@@ -323,10 +323,16 @@ class SQLStore(ScheduleQueries):
         if not taken:
             return lost
         where = {row[0]: (row[1], row[2]) for row in conn.execute(q.ITEM_KEYS, (self._id_list([e[0] for e in taken]),))}
+        self._hold_on(conn, [(*where[item_id], seconds, scope) for item_id, _, seconds, scope in taken])
+        return lost
+
+    def _hold_on(self, conn: Any, backoffs: Sequence[tuple[str, str | None, float, str]]) -> None:
+        """Hold what Backoffs name, each (queue, key, seconds, scope): the queue (scope "queue") or
+        the key, until the database's clock plus its seconds (the longest, where several name one)."""
+        q = self.queries
         now = float(conn.execute(q.CONTROL_NOW).fetchone()[0])
         holds: dict[tuple[str, str, str], float] = {}
-        for item_id, _, seconds, scope in taken:
-            queue, key = where[item_id]
+        for queue, key, seconds, scope in backoffs:
             if scope == "queue":
                 target = (queue, "queue", "")
             elif key is not None:
@@ -338,7 +344,6 @@ class SQLStore(ScheduleQueries):
             conn.execute(q.FORGET_CONTROLS, (queue, now))
         for (queue, scope, key), until in holds.items():
             conn.execute(q.HOLD, (queue, scope, key, until, "Backoff raised by a handler") + self._hold_extra(now))
-        return lost
 
     def _hold_extra(self, now: float) -> tuple[Any, ...]:
         """HOLD's parameters after the reason (SQLite: updated_at)."""

@@ -12,7 +12,17 @@ import orjson
 
 from ..errors import UsageError, shown
 from ..model import RowsTable
-from .rows_sql import CONVEYOR_COLUMNS, Spelling, TableInfo, index_name, literal, quote, settle_statements, status_literals
+from .rows_sql import (
+    CONVEYOR_COLUMNS,
+    Spelling,
+    TableInfo,
+    controls_filter,
+    index_name,
+    literal,
+    quote,
+    settle_statements,
+    status_literals,
+)
 from .sqlite_queries import NOW
 
 # the columns adopt adds: what conveyor keeps of a row's claim, beside the application's columns
@@ -114,7 +124,8 @@ class Statements:
         self.pk = info.pk
         returning = f"RETURNING {p} AS conveyor_pk, *"
         fence = f"{p} IN (SELECT value FROM json_each(:ids)) AND conveyor_token = :token AND {s} = {work}"
-        due = f"c.{s} = {pend} AND (c.conveyor_run_at IS NULL OR c.conveyor_run_at <= {NOW})"
+        due = (f"c.{s} = {pend} AND (c.conveyor_run_at IS NULL OR c.conveyor_run_at <= {NOW})"
+               + controls_filter(rows, "c", NOW, "1", lambda col: f"CAST({col} AS TEXT)"))
         blocked = ""
         if rows.key:
             k = quote(rows.key)
@@ -133,6 +144,8 @@ class Statements:
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {pending_ix} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} INDEXED BY {working_ix} WHERE {s} = {work})")
         self.counts = f"SELECT {s}, count(*) FROM {t} GROUP BY {s}"
+        k = quote(rows.key) if rows.key else "NULL"
+        self.keys_of = f"SELECT {p}, CAST({k} AS TEXT) FROM {t} WHERE {p} IN (SELECT value FROM json_each(:ids))"
 
 
 __all__ = ["ADOPTED_ALL", "ADOPTED_TABLE", "CONVEYOR_COLUMNS", "HAS_ADOPTED", "Statements",

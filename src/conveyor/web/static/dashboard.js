@@ -62,7 +62,7 @@ function renderQueues(queues) {
     row.append(el("td", { class: "n", "data-field": "oldest" }, age(q.oldest_pending_seconds)));
     row.append(el("td", { class: "n" }, fmt(q.resolved_last_minute)));
     const actions = el("td");
-    if (canWrite && !q.rows) {
+    if (canWrite) {
       const [verb, path] = q.paused ? ["Resume", "resume"] : ["Pause", "pause"];
       actions.append(el("button", { type: "button", "data-action": path,
         onclick: () => act(`/v1/queues/${encodeURIComponent(name)}/${path}`, {}, `${path} ${name}`) }, verb), " ");
