@@ -662,3 +662,40 @@ def test_a_rows_backoff_holds_its_key_on_every_worker(side, store_url):
         thread.join(30)
     assert "error" not in out, out
     app.close()
+
+
+def test_rows_take_max_in_progress_and_rate_limit(side, store_url):
+    """max_in_progress=2 under four threads: two rows work at once, never more. rate_limit="20/s"
+    (a burst of 2, then one start per 50 ms): 12 rows take at least half a second to start."""
+    create_orders(side, [(n % 3, "new") for n in range(12)])
+    app = conveyor.App(store_url)
+    lock = threading.Lock()
+    running: set[int] = set()
+    most = [0]
+    starts: list[float] = []
+
+    @app.rows("orders", **STATUS, concurrency=4, max_in_progress=2, rate_limit="20/s")
+    def assign(item):
+        with lock:
+            starts.append(time.monotonic())
+            running.add(item.id)
+            most[0] = max(most[0], len(running))
+        time.sleep(0.02)
+        with lock:
+            running.discard(item.id)
+
+    app.adopt(apply=True)
+    app.run_worker(stop_when_empty=True)
+    assert set(side.statuses().values()) == {"assigned"}
+    assert most[0] == 2
+    assert max(starts) - min(starts) >= (12 - 2) / 20 - 0.01, max(starts) - min(starts)
+    assert app.stats()["orders"]["limits"] == {"max_in_progress": 2, "rate_limit": "20/s"}
+    app.close()
+
+
+def test_rows_refuse_bad_limits_when_declared():
+    app = conveyor.App("sqlite:///:memory:")
+    with pytest.raises(conveyor.UsageError, match="max_in_progress must be an integer >= 1"):
+        app.rows("orders", **STATUS, max_in_progress=0)
+    with pytest.raises(conveyor.UsageError, match="rate_limit"):
+        app.rows("orders", **STATUS, rate_limit="5/q")

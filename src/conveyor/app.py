@@ -334,6 +334,8 @@ class App:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         timeout_seconds: float | None = None,
+        max_in_progress: int | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as the processor of the application's own `table`,
         processed in place: rows whose `status` column holds `pending` are claimed (status set to
@@ -341,7 +343,9 @@ class App:
         handler gets an Item whose `id` is the row's primary key and whose `payload` is the row
         as a dict. With `key` (a column), rows of the same key are handled one at a time in primary
         key order (ordered=False turns that off). The table's name is its queue's name in stats and
-        the CLI. `conveyor adopt` prepares the table (columns, indexes, wake-up trigger) first."""
+        the CLI. `conveyor adopt` prepares the table (columns, indexes, wake-up trigger) first.
+        Flow control across every worker: `max_in_progress` (rows working at once) and
+        `rate_limit` ("50/s": starts per period); pause and Backoff hold the table or a key."""
         where = f"rows processor for table {shown(table)}"
         rows = RowsTable(
             table=check_table_name(table, where), status=check_column(status, "status", where),
@@ -359,7 +363,9 @@ class App:
             max_attempts=max_attempts, batch=batch, ordered=key is not None if ordered is None else ordered,
             transactional=transactional, backoff_base=backoff_base, backoff_max=backoff_max,
             timeout_seconds=timeout_seconds)
-        return self._registering(options, rows)
+        limits = check_limits(where, ordered=options.ordered, max_in_progress=max_in_progress, key_concurrency=None,
+                              rate_limit=rate_limit, key_rate_limit=None, fair=False)
+        return self._registering(dataclasses.replace(options, limits=limits), rows)
 
     def _registering(self, options: QueueOptions, rows: RowsTable | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         queue = options.queue

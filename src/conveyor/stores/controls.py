@@ -99,6 +99,33 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
     return list(rows)
 
 
+def limited_rows_claim(store: Any, conn: Any, claim: Claim, owner: str, claim_rows: Any) -> list[Any]:
+    """A rows table's claim with max_in_progress or rate_limit (per-key limits are the queues'),
+    within the caller's transaction: as limited_claim, the table's working rows counting as in
+    progress. `claim_rows(n)` makes the plain claim of n rows."""
+    base, q = store.base, store.base.queries
+    limits: Limits = claim.limits  # type: ignore[assignment]
+    base._claim_lock(claim)
+    counted = limits.max_in_progress is not None
+    now, stopped, running = conn.execute(store.sql.limit_state[counted]).fetchone()
+    now = float(now)
+    if stopped:
+        return []
+    n = claim.limit
+    if limits.max_in_progress is not None:
+        n = min(n, share(limits.max_in_progress - int(running), n if claim.start is None else claim.start))
+    queue_tat = None
+    if limits.rate_limit is not None:
+        queue_tat = _tats(base, conn, claim.queue, "queue", [""]).get("")
+        n = min(n, allowed(limits.rate_limit, queue_tat, now))
+    if n <= 0:
+        return []
+    rows = claim_rows(n)
+    if rows and limits.rate_limit is not None:
+        _set_rates(conn, q, claim.queue, "queue", {"": advanced(limits.rate_limit, queue_tat, now, len(rows))})
+    return rows
+
+
 def _set_rates(conn: Any, q: Any, queue: str, scope: str, tats: dict[str, float]) -> None:
     conn.execute(q.SET_RATES, (queue, scope, json.dumps(sorted(tats.items()))))
 

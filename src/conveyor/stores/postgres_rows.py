@@ -16,6 +16,7 @@ from .rows_sql import (
     TableInfo,
     controls_filter,
     index_name,
+    limit_state,
     literal,
     quote,
     settle_statements,
@@ -193,3 +194,4 @@ class Statements:
         self.counts = f"SELECT {s}::text, count(*) FROM {t} GROUP BY 1"
         k = f"{quote(rows.key)}::text" if rows.key else "NULL"
         self.keys_of = f"SELECT {p}, {k} FROM {t} WHERE {p} = ANY({ids})"
+        self.limit_state = limit_state(rows, f"SELECT count(*) FROM {t} WHERE {s} = {work}", f"{EPOCH}::float8", "true")

@@ -107,3 +107,11 @@ def controls_filter(rows: RowsTable, alias: str, now_epoch: str, true: str, as_t
                 f"AND {stopped}) OR NOT EXISTS (SELECT 1 FROM conveyor_controls AS ck WHERE ck.queue = {q} "
                 f"AND ck.scope = 'key' AND ck.key = {as_text(k)} AND (ck.paused = {true} OR ck.held_until > {now_epoch})))")
     return out
+
+
+def limit_state(rows: RowsTable, running: str, now_epoch: str, true: str) -> dict[bool, str]:
+    """A limited rows claim's first read under its lock, as LIMIT_STATE for items: the clock, whether
+    the table is paused or held, and (True: with max_in_progress) its `running` rows counted."""
+    stopped = (f"EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {literal(rows.table)} AND scope = 'queue' "
+               f"AND key = '' AND (paused = {true} OR held_until > {now_epoch}))")
+    return {counted: f"SELECT {now_epoch}, {stopped}, {f'({running})' if counted else '0'}" for counted in (False, True)}

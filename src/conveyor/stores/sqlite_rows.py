@@ -18,6 +18,7 @@ from .rows_sql import (
     TableInfo,
     controls_filter,
     index_name,
+    limit_state,
     literal,
     quote,
     settle_statements,
@@ -146,6 +147,7 @@ class Statements:
         self.counts = f"SELECT {s}, count(*) FROM {t} GROUP BY {s}"
         k = quote(rows.key) if rows.key else "NULL"
         self.keys_of = f"SELECT {p}, CAST({k} AS TEXT) FROM {t} WHERE {p} IN (SELECT value FROM json_each(:ids))"
+        self.limit_state = limit_state(rows, f"SELECT count(*) FROM {t} INDEXED BY {working_ix} WHERE {s} = {work}", NOW, "1")
 
 
 __all__ = ["ADOPTED_ALL", "ADOPTED_TABLE", "CONVEYOR_COLUMNS", "HAS_ADOPTED", "Statements",
