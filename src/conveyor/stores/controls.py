@@ -65,18 +65,8 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
     limits: Limits = claim.limits  # type: ignore[assignment]
     store._claim_lock(claim)
     counted = limits.max_in_progress is not None
-    now, stopped, running = conn.execute(q.LIMIT_STATE[counted], (claim.queue,) * (1 + counted)).fetchone()
-    now = float(now)
-    if stopped:
-        return []
-    n = claim.limit
-    if limits.max_in_progress is not None:
-        free = limits.max_in_progress - int(running)
-        n = min(n, share(free, n if claim.start is None else claim.start))
-    queue_tat = None
-    if limits.rate_limit is not None:
-        queue_tat = _tats(store, conn, claim.queue, "queue", [""]).get("")
-        n = min(n, allowed(limits.rate_limit, queue_tat, now))
+    state = conn.execute(q.LIMIT_STATE[counted], (claim.queue,) * (1 + counted)).fetchone()
+    n, now, queue_tat = _room(store, conn, claim, state)
     if n <= 0:
         return []
     plain = dataclasses.replace(claim, limit=n, limits=None)
@@ -91,8 +81,7 @@ def limited_claim(store: Any, conn: Any, claim: Claim, owner: str) -> list[Any]:
         for row in rows:
             if row[3] is not None:  # ITEM_COLUMNS: id, queue, payload, key, ...
                 key_counts[row[3]] = key_counts.get(row[3], 0) + 1
-    if rows and limits.rate_limit is not None:
-        _set_rates(conn, q, claim.queue, "queue", {"": advanced(limits.rate_limit, queue_tat, now, len(rows))})
+    _advance(store, conn, claim, len(rows), now, queue_tat)
     if limits.key_rate_limit is not None and key_counts:
         _set_rates(conn, q, claim.queue, "key", {key: advanced(limits.key_rate_limit, key_tats.get(key), now, taken)
                                                  for key, taken in key_counts.items()})
@@ -103,27 +92,40 @@ def limited_rows_claim(store: Any, conn: Any, claim: Claim, owner: str, claim_ro
     """A rows table's claim with max_in_progress or rate_limit (per-key limits are the queues'),
     within the caller's transaction: as limited_claim, the table's working rows counting as in
     progress. `claim_rows(n)` makes the plain claim of n rows."""
-    base, q = store.base, store.base.queries
-    limits: Limits = claim.limits  # type: ignore[assignment]
+    base = store.base
     base._claim_lock(claim)
-    counted = limits.max_in_progress is not None
-    now, stopped, running = conn.execute(store.sql.limit_state[counted]).fetchone()
-    now = float(now)
-    if stopped:
+    state = conn.execute(store.sql.limit_state[claim.limits.max_in_progress is not None]).fetchone()  # type: ignore[union-attr]
+    n, now, queue_tat = _room(base, conn, claim, state)
+    if n <= 0:
         return []
+    rows = claim_rows(n)
+    _advance(base, conn, claim, len(rows), now, queue_tat)
+    return rows
+
+
+def _room(store: Any, conn: Any, claim: Claim, state: Sequence[Any]) -> tuple[int, float, float | None]:
+    """How many the queue-wide limits leave a claim (0 if its queue is paused or held), from its
+    first read (the clock, whether stopped, what is in progress); with the clock, and the queue
+    limiter's state it read."""
+    limits: Limits = claim.limits  # type: ignore[assignment]
+    now, stopped, running = float(state[0]), state[1], state[2]
+    if stopped:
+        return 0, now, None
     n = claim.limit
     if limits.max_in_progress is not None:
         n = min(n, share(limits.max_in_progress - int(running), n if claim.start is None else claim.start))
     queue_tat = None
     if limits.rate_limit is not None:
-        queue_tat = _tats(base, conn, claim.queue, "queue", [""]).get("")
+        queue_tat = _tats(store, conn, claim.queue, "queue", [""]).get("")
         n = min(n, allowed(limits.rate_limit, queue_tat, now))
-    if n <= 0:
-        return []
-    rows = claim_rows(n)
-    if rows and limits.rate_limit is not None:
-        _set_rates(conn, q, claim.queue, "queue", {"": advanced(limits.rate_limit, queue_tat, now, len(rows))})
-    return rows
+    return n, now, queue_tat
+
+
+def _advance(store: Any, conn: Any, claim: Claim, taken: int, now: float, queue_tat: float | None) -> None:
+    """The queue's rate limiter, past what a claim took."""
+    rate = claim.limits.rate_limit if claim.limits is not None else None
+    if taken and rate is not None:
+        _set_rates(conn, store.queries, claim.queue, "queue", {"": advanced(rate, queue_tat, now, taken)})
 
 
 def _set_rates(conn: Any, q: Any, queue: str, scope: str, tats: dict[str, float]) -> None:
