@@ -143,6 +143,8 @@ def test_dashboard_shows_the_database_and_acts_on_it(served):
             expect(page.locator("#throughput")).to_have_attribute("data-samples", re.compile(r"^([4-9]|\d\d+)$"))
             expect(page.locator("#throughput")).not_to_have_attribute("data-peak", "0")
             expect(cell("emails", "resolved")).to_have_text(f"{app.stats()['emails']['resolved']:,}")
+            app.pause("sms", key="tenant-7")  # for the screenshot: what holds a queue back shows under its name
+            expect(sms.locator("[data-flow=paused_keys]")).to_contain_text("tenant-7")
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
