@@ -228,15 +228,15 @@ class RowsStore:
     # -- claim and settle -----------------------------------------------------------------------
     def _claim_on(self, conn: Any, claim: Claim, owner: str) -> list[Item]:
         sql = self.sql.claim_ordered if self.ordered else self.sql.claim
-        names: list[Any] = []
+        cur: Any = None
 
         def claim_rows(n: int) -> list[Any]:
+            nonlocal cur
             cur = conn.execute(sql, {"token": new_token(), "owner": owner, "lease": claim.lease_seconds, "limit": n})
-            names.append(cur)
             return cur.fetchall()
 
         rows = claim_rows(claim.limit) if claim.limits is None else limited_rows_claim(self, conn, claim, owner, claim_rows)
-        return self._items(names[0], rows) if rows else []
+        return self._items(cur, rows) if rows else []
 
     def _by_token(self, conn: Any, sql: str, tokens: Sequence[Sequence[Any]], **args: Any) -> list[int]:
         """One fenced statement per claim token among the entries; returns the refused ids."""
