@@ -333,6 +333,20 @@ def test_a_paused_queue_starts_nothing_and_status_says_so(store_url, tmp_path):
     app.close()
 
 
+def test_status_with_the_app_names_each_queues_limits(run, store_url):
+    """The limits live in the app's code: `conveyor status MODULE:APP` shows them (the run
+    fixture's module declares max_in_progress and rate_limit from its environment)."""
+    app = conveyor.App(store_url)
+    app.submit("jobs", {"n": 1})
+    app.close()
+    env = {**os.environ, "T_URL": store_url, "T_LOG": str(run.log), "PYTHONPATH": str(run.tmp), "T_MAX": "7",
+           "T_RATE": "30/m", "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "conveyor", "status", "flowapp:app"], cwd=run.tmp, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "jobs: limited: max_in_progress=7, rate_limit=30/m" in out.stdout, out.stdout
+
+
 def test_key_rate_limit_paces_each_key(store_url):
     app = conveyor.App(store_url)
     starts: dict[str, list[float]] = {"a": [], "b": []}

@@ -458,11 +458,20 @@ def status_view(app: App, stats: dict[str, dict[str, Any]], queues: list[str] | 
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON (the same mapping as app.stats()).")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C (with --json: one JSON line a second).")
 @click.option("--queue", "queues", multiple=True, help="Only these queues.")
+@click.argument("app_spec", metavar="[MODULE:APP]", required=False)
 @click.pass_context
 @friendly
-def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...]) -> None:
-    """Counts by state, oldest pending age and throughput per queue; the periodic schedules."""
-    app = app_from(ctx, read_only=True)
+def status(ctx: click.Context, as_json: bool, watch: bool, queues: tuple[str, ...], app_spec: str | None) -> None:
+    """Counts by state, oldest pending age and throughput per queue; the periodic schedules. With
+    MODULE:APP, each queue's limits too (they live in the app's code, not the database)."""
+    if app_spec:
+        app = load_app(app_spec)
+        app.close()
+        app.read_only = True
+        if ctx.obj["db"]:
+            app.url = ctx.obj["db"]
+    else:
+        app = app_from(ctx, read_only=True)
     for queue in queues:
         check_queue_name(queue)
     asked = list(queues) or None
