@@ -699,3 +699,28 @@ def test_rows_refuse_bad_limits_when_declared():
         app.rows("orders", **STATUS, max_in_progress=0)
     with pytest.raises(conveyor.UsageError, match="rate_limit"):
         app.rows("orders", **STATUS, rate_limit="5/q")
+
+
+def test_a_large_tables_settled_rows_are_recounted_at_most_every_few_seconds(side, store_url, monkeypatch):
+    """Counting done, dead and other rows reads the whole table: a large table (here: any) reuses
+    them for RECOUNT seconds, while pending and working rows, read from their partial indexes, are
+    counted every time."""
+    from conveyor.stores import rows as rows_module
+
+    create_orders(side, [(1, "new"), (1, "assigned"), (1, "delivered")])
+    app = conveyor.App(store_url)
+    app.rows("orders", **STATUS)(lambda item: None)
+    app.adopt(apply=True)
+    monkeypatch.setattr(rows_module, "BIG_TABLE", 0)
+    monkeypatch.setattr(rows_module, "_settled_counts", {})  # this test's own, dropped after it
+    first = app.stats()["orders"]
+    assert (first["pending"], first["resolved"], first["other"], first["total"]) == (1, 1, 1, 3)
+    side.run("UPDATE orders SET status = 'assigned' WHERE status = 'delivered'")
+    insert_orders(side, [(2, "new")])
+    kept = app.stats()["orders"]
+    assert (kept["pending"], kept["resolved"], kept["other"]) == (2, 1, 1)  # pending now, the rest as counted
+    assert kept["counted_at"] <= time.time()
+    monkeypatch.setattr(rows_module, "RECOUNT", 0.0)
+    fresh = app.stats()["orders"]
+    assert (fresh["pending"], fresh["resolved"], fresh["other"], fresh["total"]) == (2, 2, 0, 4)
+    app.close()

@@ -192,6 +192,7 @@ class Statements:
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} WHERE {s} = {work})")
         self.counts = f"SELECT {s}::text, count(*) FROM {t} GROUP BY 1"
+        self.live_counts = f"SELECT (SELECT count(*) FROM {t} WHERE {s} = {pend}), (SELECT count(*) FROM {t} WHERE {s} = {work})"
         k = f"{quote(rows.key)}::text" if rows.key else "NULL"
         self.keys_of = f"SELECT {p}, {k} FROM {t} WHERE {p} = ANY({ids})"
         self.limit_state = limit_state(rows, f"SELECT count(*) FROM {t} WHERE {s} = {work}", f"{EPOCH}::float8", "true")

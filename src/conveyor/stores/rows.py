@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from types import ModuleType
@@ -143,9 +144,19 @@ def check_adopted(base: Any, rows: RowsTable, command: str) -> TableInfo:
     return info
 
 
+#: a table of BIG_TABLE rows or more has its done, dead and other rows recounted at most every
+#: RECOUNT seconds (counting them reads the whole table: 169 ms for a million rows on SQLite here,
+#: 80 ms on PostgreSQL); its pending and working rows, read from their partial indexes, are counted
+#: every time
+BIG_TABLE = 100_000
+RECOUNT = 15.0
+_settled_counts: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+
+
 def row_counts(base: Any, rows: RowsTable) -> dict[str, Any]:
     """A rows table's stats, shaped like a queue's: its rows by what their status value stands
-    for; `other` counts rows whose status is the application's own (cancelled, say)."""
+    for; `other` counts rows whose status is the application's own (cancelled, say). On a large
+    table, done, dead and other may be up to RECOUNT seconds old (`counted_at` says when)."""
     from .common import empty_queue_stats
 
     dialect = dialect_of(base)
@@ -156,9 +167,23 @@ def row_counts(base: Any, rows: RowsTable) -> dict[str, Any]:
     if info is None:
         return stats
     statements = dialect.Statements(rows, info)
-    names = {str(v): state for state, v in rows.values.items()}
-    for value, n in base._execute(statements.counts).fetchall():
-        state = names.get(str(value), "other")
+    memo = (base.url, rows.table)
+    kept = _settled_counts.get(memo)
+    if kept is not None and time.monotonic() - kept[0] < RECOUNT:
+        pending, working = base._execute(statements.live_counts).fetchone()
+        counts = {**kept[1], "pending": pending, "in_progress": working}
+        stats["counted_at"] = time.time() - (time.monotonic() - kept[0])
+    else:
+        names = {str(v): state for state, v in rows.values.items()}
+        counts = {}
+        for value, n in base._execute(statements.counts).fetchall():
+            state = names.get(str(value), "other")
+            counts[state] = counts.get(state, 0) + n
+        if sum(counts.values()) >= BIG_TABLE:
+            _settled_counts[memo] = (time.monotonic(), {k: v for k, v in counts.items() if k not in ("pending", "in_progress")})
+        else:
+            _settled_counts.pop(memo, None)
+    for state, n in counts.items():
         stats[state] += n
         stats["total"] += n
     return stats

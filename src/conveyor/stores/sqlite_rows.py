@@ -145,6 +145,8 @@ class Statements:
         self.has_work = (f"SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {pending_ix} WHERE {s} = {pend}) "
                          f"OR EXISTS (SELECT 1 FROM {t} INDEXED BY {working_ix} WHERE {s} = {work})")
         self.counts = f"SELECT {s}, count(*) FROM {t} GROUP BY {s}"
+        self.live_counts = (f"SELECT (SELECT count(*) FROM {t} INDEXED BY {pending_ix} WHERE {s} = {pend}), "
+                            f"(SELECT count(*) FROM {t} INDEXED BY {working_ix} WHERE {s} = {work})")
         k = quote(rows.key) if rows.key else "NULL"
         self.keys_of = f"SELECT {p}, CAST({k} AS TEXT) FROM {t} WHERE {p} IN (SELECT value FROM json_each(:ids))"
         self.limit_state = limit_state(rows, f"SELECT count(*) FROM {t} INDEXED BY {working_ix} WHERE {s} = {work}", NOW, "1")
