@@ -21,6 +21,7 @@ import functools
 import inspect
 import json
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from types import ModuleType
@@ -150,7 +151,8 @@ def check_adopted(base: Any, rows: RowsTable, command: str) -> TableInfo:
 #: every time
 BIG_TABLE = 100_000
 RECOUNT = 15.0
-_settled_counts: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+#: per store (so per App: a new App counts afresh), per table: when, and what was counted
+_settled_counts: weakref.WeakKeyDictionary[Any, dict[str, tuple[float, dict[str, int]]]] = weakref.WeakKeyDictionary()
 
 
 def row_counts(base: Any, rows: RowsTable) -> dict[str, Any]:
@@ -167,8 +169,8 @@ def row_counts(base: Any, rows: RowsTable) -> dict[str, Any]:
     if info is None:
         return stats
     statements = dialect.Statements(rows, info)
-    memo = (base.url, rows.table)
-    kept = _settled_counts.get(memo)
+    memo = _settled_counts.setdefault(base, {})
+    kept = memo.get(rows.table)
     if kept is not None and time.monotonic() - kept[0] < RECOUNT:
         pending, working = base._execute(statements.live_counts).fetchone()
         counts = {**kept[1], "pending": pending, "in_progress": working}
@@ -180,9 +182,9 @@ def row_counts(base: Any, rows: RowsTable) -> dict[str, Any]:
             state = names.get(str(value), "other")
             counts[state] = counts.get(state, 0) + n
         if sum(counts.values()) >= BIG_TABLE:
-            _settled_counts[memo] = (time.monotonic(), {k: v for k, v in counts.items() if k not in ("pending", "in_progress")})
+            memo[rows.table] = (time.monotonic(), {k: v for k, v in counts.items() if k not in ("pending", "in_progress")})
         else:
-            _settled_counts.pop(memo, None)
+            memo.pop(rows.table, None)
     for state, n in counts.items():
         stats[state] += n
         stats["total"] += n
