@@ -30,6 +30,10 @@ from .common import new_token, refused, shape_stats
 from .sql import SQLStore
 
 BUSY_TIMEOUT_MS = 60_000
+#: the WAL file is cut back to this size when a checkpoint starts it over: a reader that held a
+#: snapshot open (a long report) lets the WAL grow past every checkpoint, and without a limit the
+#: file keeps that size on disk after the reader is gone
+WAL_KEPT_BYTES = 64 * 1024 * 1024
 MIGRATIONS = q.MIGRATIONS
 
 
@@ -127,6 +131,7 @@ class SQLiteStore(SQLStore):
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"cannot open SQLite database {self.path!r}: {exc}") from None
         if str(mode).lower() != "wal":
