@@ -316,7 +316,8 @@ class SQLiteStore(SQLStore):
 
     def _key_heads(self, conn: sqlite3.Connection, queue: str, keys: Sequence[str], now: float, most: int) -> list[Any]:
         """One indexed query per key: SQLite runs in this process, so a query costs microseconds."""
-        return [row for key in keys for row in conn.execute(q.KEY_HEADS, (queue, key, now, most))]
+        window = max(q.KEY_WINDOW, 4 * most)
+        return [row for key in keys for row in conn.execute(q.KEY_HEADS, (queue, key, now, most, window))]
 
     def _hold_extra(self, now: float) -> tuple[Any, ...]:
         return (now,)

@@ -406,11 +406,12 @@ SELECT k FROM keys WHERE k IS NOT NULL LIMIT ?2"""
 # [queue, key, now, most]: a key's first pending items in claim order
 # The keyed index holds a key's items in id order, not claim order: reading and sorting a key's
 # whole backlog cost 28 ms a claim with 100,000 items of one key, and an index in claim order cost
-# keyed drains a fifth of their speed. So a key's first KEY_WINDOW due items in id order are read,
-# and sorted into claim order: priority counts among those (PostgreSQL reads an index in claim order).
-KEY_WINDOW = 1000
+# keyed drains a fifth of their speed. So a key's first due items in id order are read (?5 of them:
+# SQLiteStore._key_heads asks for KEY_WINDOW, or 4 times the key's share of the batch if more) and
+# sorted into claim order: priority counts among those (PostgreSQL reads an index in claim order).
+KEY_WINDOW = 64
 KEY_HEADS = (f"SELECT * FROM (SELECT id, key, priority, run_at FROM conveyor_items {_KEYED.replace('?6', '?1')} "
-             f"AND key = ?2 AND state = 'pending' AND run_at <= ?3 ORDER BY id LIMIT {KEY_WINDOW}) "
+             "AND key = ?2 AND state = 'pending' AND run_at <= ?3 ORDER BY id LIMIT ?5) "
              "ORDER BY priority DESC, run_at, id LIMIT ?4")
 # [queue, now, most]
 UNKEYED_HEADS = ("SELECT id, key, priority, run_at FROM conveyor_items INDEXED BY conveyor_items_pending "
