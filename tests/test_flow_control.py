@@ -192,11 +192,14 @@ def test_a_limited_worker_claims_ahead_only_half_the_slots_left(store_url):
     app.close()
 
 
-def test_a_worker_whose_items_fill_the_limit_claims_again_as_it_settles_them(store_url):
-    """max_in_progress=3 under eight threads: each settle frees a slot, and the worker claims again
-    in the same cycle, not at its next idle poll (every 0.5 s: 6 items a second, 50 s for these)."""
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
+def test_a_worker_whose_items_fill_the_limit_claims_again_as_it_settles_them(store_url, transactional):
+    """max_in_progress=3 under eight threads: each settle (by the cycle, or by a transactional run's
+    own commit) frees a slot, and the worker claims again at once, not at its next idle poll (every
+    0.5 s: 6 items a second, 50 s for these)."""
     app = conveyor.App(store_url)
-    app.processor("jobs", batch_size=10, concurrency=8, max_in_progress=3)(lambda item: None)
+    handler = (lambda item, conn: None) if transactional else (lambda item: None)
+    app.processor("jobs", batch_size=10, concurrency=8, max_in_progress=3, transactional=transactional)(handler)
     app.submit_many("jobs", [{"n": i} for i in range(300)])
     started = time.monotonic()
     app.run_worker(stop_when_empty=True)

@@ -131,7 +131,8 @@ class Lane:
     def settled(self, claims: Sequence[Sequence[Any]]) -> int:
         """Forget settled claims, each given as (id, token, ...). Matching the token too matters: a
         rescued item may be claimed again by this same worker while its old run still finishes.
-        Returns how many were held."""
+        Where this lane's own items held its next claims back (the next of a key, a limit's
+        slots), it is worth a claim again at once. Returns how many were held."""
         held = 0
         with self.lock:
             for entry in claims:
@@ -141,6 +142,8 @@ class Lane:
                     del self.inflight[i]
                     held += 1
                 self.lost.discard((i, token))
+        if held and self.slots_freed_by_settling:
+            self.dry = False
         return held
 
     # -- running --------------------------------------------------------------------------------

@@ -148,8 +148,8 @@ class Worker:
             dying = self._dying(out)
             stale = self._stale(entries)
             for lane in self.lanes.values():
-                if lane.inflight and lane.settled(entries) and lane.slots_freed_by_settling:
-                    lane.dry = False  # settling frees what held the next items back: claim again
+                if lane.inflight:
+                    lane.settled(entries)
         wants = self._wants()
         claims = [lane.claim_of(n) for lane, n in wants]
         self._unsettled_dying, self._unsettled_stale = dying, stale

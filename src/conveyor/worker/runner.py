@@ -54,7 +54,6 @@ class Lane(Protocol):
 
     processor: Processor
     opts: QueueOptions
-    dry: bool
 
     def given_up(self) -> bool: ...
 
@@ -155,9 +154,7 @@ class Runner:
             self.outcomes.released(rest)
 
     def _settled_itself(self, lane: Lane, items: list[Item]) -> None:
-        lane.settled([(it.id, it.claim_token) for it in items])
-        if lane.opts.ordered:
-            lane.dry = False  # the next item of this key may start now
+        lane.settled([(it.id, it.claim_token) for it in items])  # the next of a key, or of a limit, may start now
         self.wake.set()
 
     async def _run_async(self, lane: Lane, items: list[Item]) -> None:
