@@ -249,21 +249,14 @@ class PostgresStore(PostgresConnections):
         taken by an earlier statement of its transaction (see q.ORDERED_LOCK), and so does a claim
         with limits: a cycle with one runs as a transaction, the settles and plain claims still in
         one statement, then each locking claim in its own statements."""
-        if outcomes.backedoff:
-            with self.transaction():
-                lost = self.resolve(outcomes.resolved) if outcomes.resolved else []
-                lost += self.retry(outcomes.retried) if outcomes.retried else []
-                lost += self.fail(outcomes.failed) if outcomes.failed else []
-                lost += self.release(outcomes.released) if outcomes.released else []
-                lost += self.backoff(outcomes.backedoff) if outcomes.backedoff else []
-                return lost, [self.claim(c, owner) for c in claims]
         locking = [c.ordered or c.limits is not None for c in claims]
-        if any(locking):
-            with self.transaction():
-                lost, plain = self._cycle(outcomes, [c for c, lock in zip(claims, locking, strict=True) if not lock], owner)
-                taken = iter(plain)
-                return lost, [self.claim(c, owner) if lock else next(taken) for c, lock in zip(claims, locking, strict=True)]
-        return self._cycle(outcomes, claims, owner)
+        if not outcomes.backedoff and not any(locking):
+            return self._cycle(outcomes, claims, owner)
+        with self.transaction():  # backoffs also hold keys or queues: statements of their own
+            lost, plain = self._cycle(outcomes, [c for c, lock in zip(claims, locking, strict=True) if not lock], owner)
+            lost += self.backoff(outcomes.backedoff) if outcomes.backedoff else []
+            taken = iter(plain)
+            return lost, [self.claim(c, owner) if lock else next(taken) for c, lock in zip(claims, locking, strict=True)]
 
     def _cycle(self, outcomes: Outcomes, claims: Sequence[Claim], owner: str) -> tuple[list[int], list[list[Item]]]:
         """Settle `outcomes` (but backoffs) and make plain `claims`, in one statement."""

@@ -34,7 +34,7 @@ from .controls import limited_rows_claim
 from .rows_sql import CONVEYOR_COLUMNS, TableInfo, index_name
 
 _HIDDEN = frozenset(CONVEYOR_COLUMNS) | {"conveyor_pk"}
-# what a settle entry carries after (id, token), by outcome (a backoff's scope is the queues' matter)
+# what a settle entry carries after (id, token), by outcome (a backoff's scope: see _settle_on)
 _RETRY, _FAIL, _BACKOFF = ("delay", "error"), ("error",), ("delay",)
 
 
@@ -297,7 +297,8 @@ class RowsStore:
         backoffs = outcomes.backedoff
         gone = self._each(conn, s.backoff, backoffs, _BACKOFF)
         lost += gone
-        taken = [e for e in backoffs if e[0] not in set(gone)]
+        refused_ids = set(gone)
+        taken = [e for e in backoffs if e[0] not in refused_ids]
         if taken:  # and the table (scope "queue") or the row's key is held as long, as for items
             keys = dict(conn.execute(s.keys_of, {"ids": self.dialect.ids_param([e[0] for e in taken])}).fetchall())
             self.base._hold_on(conn, [(self.rows.table, keys.get(i), float(sec), scope) for i, _, sec, scope in taken])

@@ -374,7 +374,7 @@ class SQLStore(ScheduleQueries):
     def controls(self) -> list[dict[str, Any]]:
         """What pauses or holds something now: [{queue, key (None: the whole queue), paused,
         held_until (unix seconds or None), reason}]."""
-        now = float(self._execute(self.queries.CONTROL_NOW).fetchone()[0])
+        now = self.clock()
         return [{"queue": queue, "key": None if scope == "queue" else key, "paused": bool(paused),
                  "held_until": held if held is not None and held > now else None, "reason": reason}
                 for queue, scope, key, paused, held, reason in self._execute(self.queries.CONTROLS, (now,)).fetchall()]
