@@ -18,7 +18,7 @@ from typing import Any
 
 from .codec import check_text, encode_payload, name_the_culprit
 from .codec import encode as _encode
-from .durations import Duration, to_seconds
+from .durations import Duration, format_age, to_seconds
 from .errors import StoreError, UsageError, shown
 from .model import Item, Limits, NewItem, Processor, QueueOptions, Rate, RowsTable
 from .periodic import DEFAULT_GRACE, Periodic, ScheduleState, kept_by, make_periodic
@@ -138,11 +138,6 @@ def _pick(spec: KeySpec, payload: Any, field: str, where: str) -> str | None:
 
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def check_table_name(table: Any, where: str) -> str:
@@ -686,7 +681,7 @@ class App:
         # due within the clock's resolution (SQLite's is a millisecond; a datetime rounds to a
         # microsecond): an item submitted in this millisecond is due, not scheduled
         if run_at > now + 0.001:
-            reasons.append(f"scheduled: its run_at comes in {_age(run_at - now)}")
+            reasons.append(f"scheduled: its run_at comes in {format_age(run_at - now)}")
         for c in store.controls():
             if c["queue"] != queue or c["key"] not in (None, item.key):
                 continue
@@ -695,7 +690,7 @@ class App:
                 resume = f"conveyor resume {queue}" + ("" if c["key"] is None else f" --key {c['key']}")
                 reasons.append(f"paused: {what} is paused ({resume})")
             if c["held_until"]:
-                reasons.append(f"held: {what} is held by a Backoff for {_age(c['held_until'] - now)} more")
+                reasons.append(f"held: {what} is held by a Backoff for {format_age(c['held_until'] - now)} more")
         processor = self.processors.get(queue)
         if item.key is not None and (processor is None or processor.options.ordered):
             ahead = store.key_ahead(queue, item.key, item.id)

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from .app import App, check_priority, check_queue_name
 from .codec import MAX_DEPTH, check_text, encode_payload
-from .durations import parse_duration
+from .durations import format_age, parse_duration
 from .errors import ConveyorError, UsageError, shown
 from .model import STATES, Item, NewItem, error_headline
 
@@ -375,18 +375,6 @@ def adopt(ctx: click.Context, app_spec: str, table: str | None, do_apply: bool, 
 
 
 # -- status ---------------------------------------------------------------------------------------
-def format_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def status_table(stats: dict[str, dict[str, Any]], where: str) -> Table:
     table = Table(title=f"conveyor · {where}", title_justify="left")
     table.add_column("queue", style="bold")
@@ -415,7 +403,7 @@ def flow_notes(queue: str, s: dict[str, Any]) -> list[str]:
     if s.get("paused"):
         notes.append(f"{queue}: paused (conveyor resume {queue})")
     if s.get("held_until"):
-        notes.append(f"{queue}: held by a Backoff for {format_age(max(0.0, s['held_until'] - time.time()))}")
+        notes.append(f"{queue}: held by a Backoff for {format_age(s['held_until'] - time.time())}")
     for field, what in (("paused_keys", "paused keys"), ("held_keys", "keys held by a Backoff")):
         if s.get(field):
             keys = s[field]

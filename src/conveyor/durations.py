@@ -47,3 +47,17 @@ def _checked(seconds: float, given: Any, what: str) -> float:
     if seconds > MAX_SECONDS:
         raise UsageError(f"{what} {shown(given)} is too long (over 10,000 years)")
     return seconds
+
+
+def format_age(seconds: float | None) -> str:
+    """A span of seconds as a person reads it: 850 ms, 12.5 s, 3.2 min, 5.0 h ("-": none)."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
