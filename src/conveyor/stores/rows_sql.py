@@ -99,8 +99,7 @@ def controls_filter(rows: RowsTable, alias: str, now_epoch: str, true: str, as_t
     as for items. `as_text` spells a column as text (a key is named by its text)."""
     q = literal(rows.table)
     stopped = f"(paused = {true} OR held_until > {now_epoch})"
-    out = (f" AND NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {q} AND scope = 'queue' AND key = '' "
-           f"AND {stopped})")
+    out = f" AND NOT {_table_stopped(rows, now_epoch, true)}"
     if rows.key:
         k = f"{alias}.{quote(rows.key)}"
         out += (f" AND ({k} IS NULL OR NOT EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {q} AND scope = 'key' "
@@ -112,6 +111,11 @@ def controls_filter(rows: RowsTable, alias: str, now_epoch: str, true: str, as_t
 def limit_state(rows: RowsTable, running: str, now_epoch: str, true: str) -> dict[bool, str]:
     """A limited rows claim's first read under its lock, as LIMIT_STATE for items: the clock, whether
     the table is paused or held, and (True: with max_in_progress) its `running` rows counted."""
-    stopped = (f"EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {literal(rows.table)} AND scope = 'queue' "
-               f"AND key = '' AND (paused = {true} OR held_until > {now_epoch}))")
+    stopped = _table_stopped(rows, now_epoch, true)
     return {counted: f"SELECT {now_epoch}, {stopped}, {f'({running})' if counted else '0'}" for counted in (False, True)}
+
+
+def _table_stopped(rows: RowsTable, now_epoch: str, true: str) -> str:
+    """Whether the table (its queue) is paused or held now."""
+    return (f"EXISTS (SELECT 1 FROM conveyor_controls WHERE queue = {literal(rows.table)} AND scope = 'queue' "
+            f"AND key = '' AND (paused = {true} OR held_until > {now_epoch}))")
